@@ -1,0 +1,104 @@
+"""Orbax checkpoints: the train state, the tf.data iterator position, and the model config.
+
+Layout of DIR/checkpoints/<step>/:
+  state/        params, opt_state, step, rng (sharded arrays; restore onto any mesh)
+  data_iter/    process_<i>-of-<n>/  tf.data iterator state of each process
+  model_config/ the ModelConfig as JSON (what the HF converter reads)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import gin
+import jax
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Saves each process's tf.data iterator with tf.train.Checkpoint (as T5X does, but on)."""
+
+    @staticmethod
+    def _path(directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+
+    def save(self, directory: epath.Path, args: "DataIteratorArgs"):
+        path = self._path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tf.train.Checkpoint(iterator=args.item).write(os.fspath(path / "iterator"))
+
+    def restore(self, directory: epath.Path, args: "DataIteratorArgs"):
+        path = self._path(directory)
+        if not path.exists():
+            saved = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            log.warning("data iterator state for %s not in %s (saved: %s); the data stream restarts "
+                        "from its beginning", path.name, directory, saved)
+            return args.item
+        tf.train.Checkpoint(iterator=args.item).read(os.fspath(path / "iterator")).assert_consumed()
+        return args.item
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorArgs(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+def make_manager(directory: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=cfg.save_every, max_to_keep=cfg.keep,
+        enable_async_checkpointing=cfg.async_save, create=True)
+    return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
+                                 item_names=("state", "data_iter", "model_config"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter, model_config: dict,
+         force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state), "model_config": ocp.args.JsonSave(model_config)}
+    if data_iter is not None:
+        items["data_iter"] = DataIteratorArgs(data_iter)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
+    """Restore `step` onto the shardings carried by `abstract_state` (any mesh)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+        items["data_iter"] = DataIteratorArgs(data_iter)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+
+def read_model_config(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, ModelConfig fields) of a checkpoint directory, without touching the arrays."""
+    path = epath.Path(checkpoint_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint steps in {checkpoint_dir}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"step {step} not in {checkpoint_dir} (available: {steps})")
+    import json
+
+    cfg_file = path / str(step) / "model_config" / "metadata"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} missing: checkpoint {step} is incomplete or not from kinoe_jax")
+    return step, json.loads(cfg_file.read_text())

@@ -1,0 +1,121 @@
+"""Exact and near-duplicate detection.
+
+Signatures are computed in worker processes (the expensive part) and shipped
+as raw bytes; the decisions are taken by one process in input order, so the
+result does not depend on how many workers there are.
+
+MinHash and the LSH index come from ``datasketch``. The permutation scheme
+and the seed are pinned, so the Beam pipeline and the local runner compute
+identical signatures and band keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Hashable, Optional
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+from kinoe_jax.corpus.config import DedupConfig
+from kinoe_jax.corpus.filters import strip_whitespace
+
+SCHEME = "affine32"
+_SIGNATURE_DTYPE = np.uint32  # what the affine32 scheme stores
+
+
+def exact_key(text: str) -> bytes:
+    # 128 bits: collisions are negligible for any corpus size and the key
+    # set stays small in memory.
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def shingles(text: str, n: int) -> set[bytes]:
+    """Character n-grams with whitespace removed, so that re-wrapped or
+    re-indented copies still match."""
+    chars = strip_whitespace(text)
+    if len(chars) <= n:
+        return {chars.encode("utf-8")}
+    return {chars[i:i + n].encode("utf-8") for i in range(len(chars) - n + 1)}
+
+
+class Signer:
+    """Computes MinHash signatures of texts as compact bytes."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        # Copying a prepared MinHash reuses its permutations instead of
+        # regenerating them for every document.
+        self._template = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=SCHEME)
+
+    def signature(self, text: str) -> bytes:
+        m = self._template.copy()
+        m.update_batch(shingles(text, self.cfg.ngram_chars))
+        return m.hashvalues.astype(_SIGNATURE_DTYPE, copy=False).tobytes()
+
+
+def to_minhash(signature: bytes, seed: int) -> LeanMinHash:
+    values = np.frombuffer(signature, dtype=_SIGNATURE_DTYPE)
+    return LeanMinHash(seed=seed, hashvalues=values, scheme=SCHEME)
+
+
+def estimated_jaccard(a: bytes, b: bytes, seed: int) -> float:
+    return to_minhash(a, seed).jaccard(to_minhash(b, seed))
+
+
+def lsh_bands(cfg: DedupConfig) -> list[tuple[int, int]]:
+    """Signature slices that form the LSH bands, as datasketch chooses them
+    for the threshold (bands x rows minimising false positives+negatives)."""
+    return list(MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm).hashranges)
+
+
+def band_keys(signature: bytes, bands: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    values = np.frombuffer(signature, dtype=_SIGNATURE_DTYPE)
+    return [(i, values[start:end].tobytes()) for i, (start, end) in enumerate(bands)]
+
+
+class ExactDeduplicator:
+    """Remembers the first document of each normalised text.
+
+    Memory: one 16-byte key plus dict overhead (about 100 bytes) per kept
+    document.
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[bytes, Hashable] = {}
+
+    def check(self, key: bytes, doc_id: Hashable) -> Optional[Hashable]:
+        """Id of the earlier identical document, or None (and remember it)."""
+        first = self._first.setdefault(key, doc_id)
+        return None if first == doc_id else first
+
+
+class NearDeduplicator:
+    """Greedy near-duplicate removal in input order.
+
+    A document is dropped when a previously *kept* document is an LSH
+    candidate whose estimated Jaccard similarity reaches the threshold;
+    otherwise it is kept and indexed. Dropped documents are not indexed, so
+    in a chain A~B~C with A and C dissimilar, A and C are kept.
+
+    Memory: the datasketch index holds the band hashes of every kept
+    document, and the signature (num_perm * 4 bytes) is kept for verifying
+    candidates: a few KB per kept document in total.
+    """
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        self._signatures: dict[Hashable, LeanMinHash] = {}
+
+    def check(self, signature: bytes, doc_id: Hashable) -> Optional[Hashable]:
+        """Id of a kept near-duplicate, or None (and index the document)."""
+        minhash = to_minhash(signature, self.cfg.seed)
+        # Candidates come back as an unordered set; sorting makes the chosen
+        # "duplicate of" reproducible.
+        for other in sorted(self._lsh.query(minhash)):
+            if minhash.jaccard(self._signatures[other]) >= self.cfg.threshold:
+                return other
+        self._lsh.insert(doc_id, minhash, check_duplication=False)
+        self._signatures[doc_id] = minhash
+        return None

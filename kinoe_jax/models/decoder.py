@@ -1,0 +1,108 @@
+"""The Mistral/Mixtral decoder: embedding, a scanned stack of pre-norm layers, norm, LM head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kinoe_jax.models.config import ModelConfig
+from kinoe_jax.models.layers import MLP, Attention, Proj, RMSNorm, _init
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    use_moe: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.cfg
+        h = RMSNorm(cfg, name="attn_norm")(x)
+        x = x + Attention(cfg, decode=self.decode, name="attn")(h, positions, segment_ids)
+        h = RMSNorm(cfg, name="mlp_norm")(x)
+        if self.use_moe:
+            from kinoe_jax.models.moe import MoeBlock  # noqa: PLC0415 (MoE is optional)
+
+            out, aux = MoeBlock(cfg, name="moe")(h, segment_ids)
+        else:
+            out, aux = MLP(cfg, name="mlp")(h), {}
+        x = nn.with_logical_constraint(x + out, ("batch", "activation_length", "activation_embed"))
+        return x, aux
+
+
+class LayerGroup(nn.Module):
+    """`moe_layer_period` consecutive layers: the unit that is scanned, so interleaved
+    dense/MoE designs still scan (period 1, the usual case, is a single layer)."""
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.cfg
+        period = cfg.moe_layer_period if cfg.num_experts else 1
+        layer_cls = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        if period == 1:
+            return layer_cls(cfg, use_moe=cfg.is_moe_layer(0), decode=self.decode, name="layer")(
+                x, positions, segment_ids)
+        aux = {}
+        for j in range(period):
+            x, a = layer_cls(cfg, use_moe=cfg.is_moe_layer(j), decode=self.decode, name=f"sub_{j}")(
+                x, positions, segment_ids)
+            aux.update(a)
+        return x, aux
+
+
+class Transformer(nn.Module):
+    """tokens [batch, length] -> (logits [batch, length, vocab] fp32, aux dict of per-layer stats)."""
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                         embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+        x = embed(tokens)
+        x = nn.with_logical_constraint(x, ("batch", "activation_length", "activation_embed"))
+
+        period = cfg.moe_layer_period if cfg.num_experts else 1
+        n_groups = cfg.num_layers // period
+        if cfg.scan_layers:
+            stack = nn.scan(
+                LayerGroup,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=n_groups,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, decode=self.decode, name="layers")
+            x, aux = stack(x, positions, segment_ids)
+        else:
+            auxes = []
+            for i in range(n_groups):
+                x, a = LayerGroup(cfg, decode=self.decode, name=f"layers_{i}")(x, positions, segment_ids)
+                auxes.append(a)
+            aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Proj((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32), aux

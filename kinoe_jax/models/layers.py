@@ -1,0 +1,144 @@
+"""Building blocks of the Mistral decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+Every parameter is declared with logical axis names; kinoe_jax/parallel/rules.py alone decides
+how those names map onto the device mesh.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kinoe_jax.models.config import ModelConfig
+
+# Large negative rather than -inf: a fully masked row (padding) must not produce NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _init(cfg: ModelConfig, axes):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+class Proj(nn.Module):
+    """A bias-free projection contracting the last `contract` dims of x into `features`.
+
+    Written out (rather than nn.DenseGeneral) so the kernel keeps its full logical shape, e.g.
+    q_proj [embed, heads, head_dim], which is also the HF weight reshaped without surprises.
+    """
+
+    features: tuple
+    axes: tuple
+    cfg: ModelConfig
+    contract: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        shape = tuple(x.shape[-self.contract:]) + tuple(self.features)
+        kernel = self.param("kernel", _init(self.cfg, self.axes), shape, jnp.float32)
+        dtype = self.cfg.compute_dtype
+        return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.contract)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (y * scale).astype(self.cfg.compute_dtype)
+
+
+def rotary(x, positions, rotary_dim: int, theta: float):
+    """Half-split rotary (as HF Mistral/Llama) on the first `rotary_dim` dims of each head.
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (restart per packed segment).
+    """
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = (rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+def attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window):
+    """[batch, q, k] boolean: causal, same packed segment, not padding, inside the window.
+
+    q_pos/k_pos are indices in the (packed or cached) sequence, not the per-segment positions,
+    so causality holds across the whole row and segments never see each other.
+    """
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    mask &= k_seg[:, None, :] != 0
+    if sliding_window is not None:
+        mask &= q_pos[:, :, None] - k_pos[:, None, :] < sliding_window
+    return mask
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.cfg
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        q = Proj((h, d), ("embed", "heads", "head_dim"), cfg, name="q_proj")(x)
+        k = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, name="k_proj")(x)
+        v = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, name="v_proj")(x)
+        q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
+
+        b, t = x.shape[:2]
+        if self.decode:
+            k, v, q_idx, k_idx, q_seg, k_seg = self._update_cache(k, v, segment_ids)
+        else:
+            q_idx = k_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+            q_seg = k_seg = segment_ids
+        mask = attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window)
+
+        g = h // kv
+        q = q.reshape(b, t, kv, g, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
+        logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+        return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, name="o_proj")(out)
+
+    def _update_cache(self, k, v, segment_ids):
+        """Append this call's keys/values at cache_index (prefill: many tokens, decode: one)."""
+        b, t, kv, d = k.shape
+        max_len = self.cfg.max_seq_len
+        ck = self.variable("cache", "cached_key", jnp.zeros, (b, max_len, kv, d), k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (b, max_len, kv, d), v.dtype)
+        cs = self.variable("cache", "cached_segment", jnp.zeros, (b, max_len), jnp.int32)
+        idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        i = idx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+        cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, i))
+        idx.value = i + t
+        q_idx = jnp.broadcast_to(i + jnp.arange(t)[None], (b, t))
+        k_idx = jnp.broadcast_to(jnp.arange(max_len)[None], (b, max_len))
+        return ck.value, cv.value, q_idx, k_idx, segment_ids, cs.value
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = Proj((cfg.intermediate_size,), ("embed", "mlp"), cfg, name="gate_proj")(x)
+        up = Proj((cfg.intermediate_size,), ("embed", "mlp"), cfg, name="up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "activation_length", "activation_mlp"))
+        return Proj((cfg.hidden_size,), ("mlp", "embed"), cfg, name="down_proj")(hidden)
