@@ -92,6 +92,23 @@ class MetricsWriter:
             self.wandb_run = None
 
 
+def flatten(metrics: dict) -> dict:
+    """Scalars stay; a per-layer or per-expert array becomes scalars W&B can plot:
+    [n] -> key/i, [layers, n] -> key/i averaged over layers plus key/max (e.g. expert load)."""
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        if a.ndim == 0:
+            out[k] = a.item()
+            continue
+        if a.ndim >= 2:
+            out[f"{k}/max"] = float(a.max())
+            a = a.reshape(-1, a.shape[-1]).mean(axis=0)
+        for i, x in enumerate(a):
+            out[f"{k}/{i}"] = float(x)
+    return out
+
+
 def _run_id(workdir: str) -> str:
     """A stable W&B id per workdir, so a resumed run continues the same W&B run."""
     path = os.path.join(workdir, "wandb_run_id")

@@ -30,7 +30,7 @@ from kinoe_jax import optim
 from kinoe_jax.config_io import load_gin, write_operative_config
 from kinoe_jax.data import pipeline, tasks
 from kinoe_jax.data.vocab import get_vocabulary, tokenizer_path
-from kinoe_jax.metrics import MetricsWriter, peak_flops_per_device, plot_loss, read_metrics
+from kinoe_jax.metrics import MetricsWriter, flatten as flatten_metrics, peak_flops_per_device, plot_loss, read_metrics
 from kinoe_jax.models import ModelConfig, Transformer
 from kinoe_jax.parallel import sharding as shd
 from kinoe_jax.parallel.mesh import make_mesh
@@ -219,7 +219,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
             if done == start + 1:
                 write_operative_config(workdir)
             if done % log_every == 0 or done == total_steps:
-                metrics = jax.device_get(metrics)
+                metrics = flatten_metrics(jax.device_get(metrics))
                 elapsed = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / elapsed
                 metrics.update(tokens_per_sec=tps, mfu=steps_since * flops_per_step / elapsed / peak)

@@ -265,7 +265,7 @@ def _finish(directory: str, settings: Settings, files: list[str], target: str,
     reasons = {k[len("reason:"):]: v for k, v in stats.items() if k.startswith("reason:")}
     report = build_report(
         totals, reasons, payload["examples"],
-        runner="beam", num_workers="runner-managed", inputs=files, output_dir=target,
+        runner="beam", num_workers=None, inputs=files, output_dir=target,
         text_field=settings.text_field, shards=payload["shards"],
         elapsed_seconds=round(time.time() - started, 3), pipeline_args=pipeline_args,
         config=settings.config.to_dict(),

@@ -121,6 +121,11 @@ class StagedDirectory:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         # Beside the target, so the final rename stays on one filesystem.
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        # mkdtemp makes the directory private; the published output should
+        # get the permissions of a normally created directory.
+        umask = os.umask(0)
+        os.umask(umask)
+        self.path.chmod(0o777 & ~umask)
         return self
 
     def publish(self) -> None:

@@ -62,8 +62,9 @@ def _line(label: str, value: int, indent: int = 2) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     seconds = report.get("elapsed_seconds", 0.0)
-    out = [f"prepare_corpus: {report.get('runner', '?')} runner, "
-           f"{report.get('num_workers', '?')} worker(s), {seconds:.1f} s"]
+    workers = report.get("num_workers")
+    workers = f"{workers} worker(s)" if isinstance(workers, int) else "workers managed by Beam"
+    out = [f"prepare_corpus: {report.get('runner', '?')} runner, {workers}, {seconds:.1f} s"]
     out.append(_line("input files", len(report.get("inputs", []))))
     out.append(_line("lines read", report["lines_read"]))
     out.append(_line("bad input", sum(report["bad_input"].values())))

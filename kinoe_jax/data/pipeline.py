@@ -29,6 +29,20 @@ class DataConfig:
     eval_batches: int = 4
 
 
+@gin.configurable
+def make_feature_converter(pack: bool = True) -> seqio.FeatureConverter:
+    """Packs examples into rows with segment ids and per-segment positions (T5X's converter).
+
+    Swap it in gin for tasks with other features (SFT's loss mask, for instance).
+    """
+    return seqio.DecoderFeatureConverter(pack=pack, bos_id=BOS_ID)
+
+
+@gin.configurable
+def task_feature_lengths(seq_len: int) -> dict[str, int]:
+    return {"targets": seq_len}
+
+
 def _options() -> tf.data.Options:
     opts = tf.data.Options()
     # The only stateful ops are pure py_functions (JSON parsing): safe to leave out of checkpoints.
@@ -44,12 +58,12 @@ def packed_dataset(name: str, split: str, seq_len: int, local_batch: int, *, shu
     shard_index = jax.process_index() if shard_index is None else shard_index
     num_shards = jax.process_count() if num_shards is None else num_shards
     provider = seqio.get_mixture_or_task(name)
+    lengths = task_feature_lengths(seq_len)
     ds = provider.get_dataset(
-        {"targets": seq_len}, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+        lengths, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
         shard_info=seqio.ShardInfo(shard_index, num_shards), use_cached=False,
         shuffle_buffer_size=shuffle_buffer, trim_output_features=True)
-    converter = seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID)
-    ds = converter(ds, {"targets": seq_len})
+    ds = make_feature_converter()(ds, lengths)
     ds = ds.batch(local_batch, drop_remainder=num_epochs is None)
     return ds.prefetch(2).with_options(_options())
 
