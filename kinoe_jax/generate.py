@@ -2,6 +2,7 @@
 
     python -m kinoe_jax.generate --workdir=DIR --prompt='日本の四季について'
     python -m kinoe_jax.generate --checkpoint=DIR/checkpoints/300 --prompt='...' --temperature=0.8 --top_p=0.9
+    python -m kinoe_jax.generate --workdir=SFT_DIR --chat --prompt='川柳を一句お願いします。'
 """
 
 from __future__ import annotations
@@ -85,6 +86,17 @@ def generate_text(cfg: ModelConfig, params, prompt: str, max_new_tokens: int = 6
     return vocab.decode(generate_ids(cfg, params, ids, max_new_tokens, **kwargs))
 
 
+def generate_chat(cfg: ModelConfig, params, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> str:
+    """The assistant's next reply to `messages` (ending with a user turn), through the chat
+    template exactly as SFT rendered it; generation stops at <|end|>."""
+    from kinoe_jax.sft.conversation import check_messages, end_id, prompt_ids
+
+    vocab = get_vocabulary()
+    ids = prompt_ids(check_messages(messages, final_assistant=False), vocab)
+    out = generate_ids(cfg, params, ids, max_new_tokens, stop_ids=(end_id(vocab), EOS_ID), **kwargs)
+    return vocab.decode(out)
+
+
 def load_for_inference(path: str, step: int | None = None):
     """(ModelConfig, params) from a workdir, its checkpoints/ dir, or one step's directory."""
     import orbax.checkpoint as ocp
@@ -101,9 +113,10 @@ def load_for_inference(path: str, step: int | None = None):
     cfg = ModelConfig(**cfg_dict)
     state_dir = epath.Path(path) / str(step) / "state"
     meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-    tree = meta.tree if hasattr(meta, "tree") else meta
+    tree = getattr(meta, "item_metadata", meta)  # newer Orbax wraps the tree in StepMetadata
+    tree = getattr(tree, "tree", tree)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params_meta = tree["params"]
+    params_meta = dict(tree)["params"]
     restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(sharding=sharding, dtype=np.float32), params_meta)
     restored = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item={"params": params_meta},
@@ -136,12 +149,22 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat", action="store_true", help="the prompt is a user turn of the chat template; "
+                        "print the assistant's reply (up to <|end|>)")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     args = parser.parse_args(argv)
     path = args.workdir or args.checkpoint
     if not os.path.exists(path):
         parser.error(f"{path} does not exist")
     _use_workdir_tokenizer(os.path.abspath(path))
     cfg, params = load_for_inference(path, args.step)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        reply = generate_chat(cfg, params, messages, args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+        print(reply)
+        return reply
     text = generate_text(cfg, params, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed)
     print(args.prompt + text)

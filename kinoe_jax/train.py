@@ -28,11 +28,11 @@ import optax
 from kinoe_jax import checkpoint as ckpt
 from kinoe_jax import optim
 from kinoe_jax.config_io import load_gin, write_operative_config
-from kinoe_jax.data import pipeline, tasks
+from kinoe_jax.data import phases, pipeline, tasks
 from kinoe_jax.data.vocab import get_vocabulary, tokenizer_path
 from kinoe_jax.metrics import MetricsWriter, flatten as flatten_metrics, peak_flops_per_device, plot_loss, read_metrics
 from kinoe_jax.models import ModelConfig, Transformer
-from kinoe_jax.parallel import sharding as shd
+from kinoe_jax.parallel import multihost, sharding as shd
 from kinoe_jax.parallel.mesh import make_mesh
 from kinoe_jax.parallel.rules import flax_rules
 
@@ -164,8 +164,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
     if vocab.vocab_size > model_config.vocab_size:
         raise ValueError(f"tokenizer has {vocab.vocab_size} pieces but ModelConfig.vocab_size is "
                          f"{model_config.vocab_size}")
-    train_ds = pipeline.train_dataset(data)
-    data_iter = iter(train_ds)
+    data_iter = phases.train_iterator(data, total_steps)  # one mixture, or a phase schedule
     eval_data = pipeline.eval_batches(data) if eval_every else []
 
     model = Transformer(model_config)
@@ -212,13 +211,13 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
         rules_ctx.__enter__()
         t_last, steps_since = time.perf_counter(), 0
         for step in range(start, total_steps):
-            batch = to_global(next(data_iter))
+            batch = to_global(phases.next_batch(data_iter, step))
             state, metrics = train_step(state, batch)
             steps_since += 1
             done = step + 1
             if done == start + 1:
                 write_operative_config(workdir)
-            if done % log_every == 0 or done == total_steps:
+            if done % log_every == 0 or done == total_steps or done == 1:
                 metrics = flatten_metrics(jax.device_get(metrics))
                 elapsed = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / elapsed
@@ -229,11 +228,13 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
                 writer.progress(done, {"loss": metrics["loss"], "tok/s": tps})
                 t_last, steps_since = time.perf_counter(), 0
             ckpt.save(manager, done, state, data_iter, model_json, force=done == total_steps)
+            multihost.fault_point(done)
         rules_ctx.__exit__(None, None, None)
         manager.wait_until_finished()
         writer.close()
         write_operative_config(workdir)
-        plot_loss(workdir)
+        if jax.process_index() == 0:
+            plot_loss(workdir)
         if sample_prompt and jax.process_index() == 0:
             from kinoe_jax.generate import generate_text
 
@@ -280,13 +281,17 @@ def main(argv=None) -> None:
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
     parser.add_argument("--workdir", default=None, help="output directory (default: runs/<first gin file>)")
+    multihost.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. gin_configs/runs/tiny_ja.gin)")
     load_gin(args.gin_file, args.gin_bindings)
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.gin_file[0]))[0])
-    train(workdir)
+    multihost.initialize(workdir, **multihost.flag_values(args))  # before anything touches devices
+    with multihost.report_errors():
+        train(workdir)
+    multihost.finish()
 
 
 if __name__ == "__main__":
