@@ -127,3 +127,63 @@ def test_chunked_attention_equals_one_block(window):
     b, _ = chunked.apply({"params": params}, tokens, pos, seg)
     real = seg > 0  # fully masked padding rows average over whichever keys their block has
     np.testing.assert_allclose(a[real], b[real], atol=1e-5)
+
+
+def _lowered_text(cfg):
+    import optax
+
+    from kinoe_jax.train import make_train_step
+
+    model, params = _init(cfg)
+    tx = optax.adamw(1e-3)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": jnp.zeros((2,), jnp.uint32)}
+    ones = jnp.ones((1, 2, 16), jnp.int32)
+    batch = {"decoder_input_tokens": ones, "decoder_target_tokens": ones, "decoder_loss_weights": ones,
+             "decoder_segment_ids": ones, "decoder_positions": ones}
+    return jax.jit(make_train_step(model, tx, lambda s: 1e-3)).lower(state, batch).as_text()
+
+
+def test_scanned_program_does_not_grow_with_depth():
+    """Scanned layers compile once: the training step's program is the same size at 2 and 8
+    layers (unrolled, it grows with every layer)."""
+    import re
+
+    def size(cfg):
+        return len(re.sub(r"\d+", "", _lowered_text(cfg)))  # ignore the shapes' layer counts
+
+    shallow, deep = size(CFG), size(dataclasses.replace(CFG, num_layers=8))
+    assert deep == shallow
+    unrolled = size(dataclasses.replace(CFG, num_layers=8, scan_layers=False))
+    assert unrolled > 2 * shallow
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_give_the_same_gradients(policy):
+    tokens = np.random.default_rng(0).integers(4, 97, (2, 16))
+
+    def grads(cfg):
+        model, params = _init(cfg)
+        loss = lambda p: jnp.mean(model.apply({"params": p}, tokens)[0] ** 2)  # noqa: E731
+        return jax.grad(loss)(params)
+
+    ref = grads(CFG)
+    got = grads(dataclasses.replace(CFG, remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ref, got)
+
+
+def test_bfloat16_compute_tracks_float32():
+    tokens = np.random.default_rng(0).integers(4, 97, (2, 16))
+    model, params = _init(CFG)
+    ref, _ = model.apply({"params": params}, tokens)
+    bf16 = Transformer(dataclasses.replace(CFG, dtype="bfloat16"))
+    out, _ = bf16.apply({"params": params}, tokens)
+    assert out.dtype == jnp.float32  # logits are returned in fp32 for the loss
+    assert jax.tree.leaves(params)[0].dtype == jnp.float32  # parameters stay fp32
+    np.testing.assert_allclose(out, ref, atol=0.05)
+
+
+def test_tied_embeddings_have_no_lm_head():
+    model, params = _init(dataclasses.replace(CFG, tie_embeddings=True))
+    assert "lm_head" not in params
+    assert sum(x.size for x in jax.tree.leaves(params)) == dataclasses.replace(CFG, tie_embeddings=True).num_params()

@@ -113,3 +113,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     four = _losses(run_training(tmp_path / "b", ["train.total_steps = 2", "DataConfig.grad_accum = 4"]))
     for step in (1, 2):
         np.testing.assert_allclose(four[step], one[step], rtol=1e-5)
+
+
+def test_wandb_offline_run_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    work = tmp_path / "run"
+    run_training(work, ["train.total_steps = 2", "CheckpointConfig.save_every = 2", "MetricsWriter.use_wandb = True"])
+    runs = list((work / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run has no history file"
+    # A resumed run continues the same W&B run id.
+    assert (work / "wandb_run_id").read_text().strip() in runs[0].name

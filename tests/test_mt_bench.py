@@ -1,0 +1,112 @@
+"""MT-Bench answers: FastChat's question and model_answer formats, both turns in one conversation,
+from a kinoe checkpoint and from its HF export (which must answer the same)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import REPO
+from test_sft_runs import sft_runs
+
+from kinoe_jax.sft import mt_bench
+
+QUESTIONS = os.path.join(REPO, "kinoe_jax", "data", "builtin", "sft", "mt_bench_ja_questions.jsonl")
+ANSWER_KEYS = {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("mt_bench_answers", os.path.join(REPO, "tools", "mt_bench_answers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_builtin_questions_load():
+    qs = mt_bench.load_questions(QUESTIONS)
+    assert [q["question_id"] for q in qs] == list(range(101, 121))
+    assert {q["category"] for q in qs} == set(mt_bench.TEMPERATURE)
+    assert all(len(q["turns"]) == 2 for q in qs)
+
+
+def test_references_cover_the_categories_the_judge_grades_against_them():
+    rows, missing = mt_bench.references(mt_bench.load_questions(QUESTIONS), "gpt-4")
+    assert missing == []
+    assert {r["question_id"] for r in rows} == set(range(107, 114))
+    assert all(len(r["choices"][0]["turns"]) == 2 for r in rows)
+
+
+def test_bad_question_files_name_the_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    good = {"question_id": 1, "category": "writing", "turns": ["a", "b"]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "question_id": 2, "turns": ["only one"]}) + "\n")
+    with pytest.raises(mt_bench.QuestionError, match=r"q.jsonl:2: .*two non-empty questions"):
+        mt_bench.load_questions(str(path))
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(mt_bench.QuestionError, match="q.jsonl:2: question_id 1 also on line 1"):
+        mt_bench.load_questions(str(path))
+
+
+class _Recording:
+    """The real chat backend, with the conversations it was asked to continue kept for checking."""
+
+    def __init__(self, chat):
+        self.chat, self.calls = chat, []
+
+    def reply(self, messages, *args):
+        self.calls.append([dict(m) for m in messages])
+        return self.chat.reply(messages, *args)
+
+
+@pytest.mark.slow
+def test_answers_from_a_checkpoint_and_from_its_hf_export(tmp_path):
+    sft = sft_runs()["sft"]
+    all_questions = mt_bench.load_questions(QUESTIONS)
+    picked = [q for q in all_questions if q["question_id"] in (101, 110)]  # writing, math (has a reference)
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in picked), encoding="utf-8")
+    bench = tmp_path / "kinoe_ja_mt_bench"
+    assert _tool().main([f"--workdir={sft}", "--model_id=kinoe-test", f"--bench_dir={bench}",
+                         f"--question_file={qfile}", "--max_new_tokens=6"]) == 0
+    assert _jsonl(bench / "question.jsonl") == picked
+    answers = _jsonl(bench / "model_answer" / "kinoe-test.jsonl")
+    assert [a["question_id"] for a in answers] == [101, 110]
+    for a in answers:
+        assert set(a) == ANSWER_KEYS and a["model_id"] == "kinoe-test"
+        assert len(a["choices"]) == 1 and a["choices"][0]["index"] == 0
+        assert len(a["choices"][0]["turns"]) == 2 and all(isinstance(t, str) for t in a["choices"][0]["turns"])
+    assert a["answer_id"] != answers[0]["answer_id"]
+    refs = _jsonl(bench / "reference_answer" / "gpt-4.jsonl")
+    assert refs == [{"question_id": 110, "answer_id": "reference-110", "model_id": "gpt-4",
+                     "choices": [{"index": 0, "turns": picked[1]["reference"]}], "tstamp": 0.0}]
+
+    # Both turns are one conversation: the second question follows the model's first answer.
+    qs = all_questions[3:5]  # roleplay: sampled at temperature 0.7
+    kinoe = _Recording(mt_bench.KinoeChat(sft))
+    rows = mt_bench.answer(qs, kinoe, "kinoe", max_new_tokens=6, progress=False)
+    first_answer = rows[0]["choices"][0]["turns"][0]
+    assert kinoe.calls[1] == [{"role": "user", "content": qs[0]["turns"][0]},
+                              {"role": "assistant", "content": first_answer},
+                              {"role": "user", "content": qs[0]["turns"][1]}]
+
+    # The HF export, through transformers' chat template, gives the same prompt ids and the same
+    # greedy answers.
+    from kinoe_jax.data.vocab import get_vocabulary
+    from kinoe_jax.hf.export import convert_to_hf
+    from kinoe_jax.sft.conversation import prompt_ids
+
+    hf_dir = tmp_path / "hf"
+    convert_to_hf(os.path.join(sft, "checkpoints"), str(hf_dir), progress=False, log=lambda *a: None)
+    hf = mt_bench.HFChat(str(hf_dir))
+    assert hf.prompt_ids(kinoe.calls[1]) == prompt_ids(kinoe.calls[1], get_vocabulary())
+    greedy = all_questions[6:8]  # reasoning: greedy
+    from_kinoe = mt_bench.answer(greedy, kinoe.chat, "k", max_new_tokens=6, progress=False)
+    from_hf = mt_bench.answer(greedy, hf, "h", max_new_tokens=6, progress=False)
+    assert [r["choices"] for r in from_hf] == [r["choices"] for r in from_kinoe]
+
