@@ -66,7 +66,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                cfg.output.shard_size, args.overwrite, progress=not args.no_progress)
         else:
             # Imported only here: Beam is slow to import and noisy.
-            from kinoe_jax.corpus.beam_pipeline import run_beam
+            try:
+                from kinoe_jax.corpus.beam_pipeline import run_beam
+            except ModuleNotFoundError as e:
+                if not (e.name or "").startswith("apache_beam"):
+                    raise
+                raise ConfigError("--runner=beam needs the apache-beam package") from e
 
             report = run_beam(files, args.output_dir, settings, cfg.output.shard_size,
                               args.overwrite, extra)

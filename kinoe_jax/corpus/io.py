@@ -49,16 +49,23 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
     patterns would otherwise silently shrink the corpus.
     """
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in patterns:
         if is_remote(pattern):
             from apache_beam.io.filesystems import FileSystems
 
-            matches = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+            try:
+                matches = sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
+            except Exception as e:  # Beam raises different types per filesystem
+                raise InputNotFoundError(f"cannot list {pattern!r}: {e}") from e
         else:
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not matches:
             raise InputNotFoundError(f"no input files match {pattern!r}")
-        files.extend(m for m in matches if m not in files)
+        for match in matches:
+            if match not in seen:  # overlapping patterns must not double the data
+                seen.add(match)
+                files.append(match)
     return files
 
 

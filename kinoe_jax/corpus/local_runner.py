@@ -125,6 +125,7 @@ def run_local(files: list[str], output_dir: str, settings: Settings, num_workers
                 totals["chars_out"] += o.nchars
             bar.set_postfix(kept=totals["documents_out"], refresh=False)
         shards = writer.close()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         report = build_report(
             totals, tally.reasons, tally.examples,
             runner="local", num_workers=num_workers, inputs=files, output_dir=output_dir,
@@ -132,7 +133,10 @@ def run_local(files: list[str], output_dir: str, settings: Settings, num_workers
             elapsed_seconds=round(time.time() - started, 3),
             # The main process holds the dedup indexes, so its peak is the
             # number to watch as the corpus grows.
-            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+            # Close to elapsed_seconds with many workers means the single
+            # dedup/writer process is the bottleneck.
+            main_cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3),
             config=cfg.to_dict(),
         )
         with open(staged.path / "report.json", "w", encoding="utf-8") as f:
