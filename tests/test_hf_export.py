@@ -141,6 +141,21 @@ def test_import_is_what_train_py_restores(ckpt, tmp_path):
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state["opt_state"]))
 
 
+def test_block_reads_and_unscanned_layouts(ckpt, tmp_path):
+    whole, blocks = tmp_path / "whole", tmp_path / "blocks"
+    convert_to_hf(str(ckpt / "checkpoints"), str(whole), progress=False)
+    convert_to_hf(str(ckpt / "checkpoints"), str(blocks), read_budget=1, progress=False)  # a layer per read
+    for name in os.listdir(whole):
+        assert (whole / name).read_bytes() == (blocks / name).read_bytes(), name
+    # Unscanned layers (layers_i/...) and a tied head, checked against transformers by --verify.
+    work = tmp_path / "unscanned"
+    cfg = ModelConfig(**{**TINY.__dict__, "scan_layers": False, "tie_embeddings": True})
+    write_random_checkpoint(str(work / "checkpoints"), cfg)
+    shutil.copyfile(BUILTIN_TOKENIZER, work / "tokenizer.model")
+    result = convert_to_hf(str(work / "checkpoints"), str(tmp_path / "hf_unscanned"), verify=True, progress=False)
+    assert result.verification["ok"]
+
+
 def test_import_params_only(ckpt, tmp_path):
     hf = tmp_path / "hf"
     convert_to_hf(str(ckpt / "checkpoints"), str(hf), progress=False)

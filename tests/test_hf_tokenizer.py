@@ -104,6 +104,9 @@ def test_special_tokens_and_ids(fast_tokenizers, sp):
     tok = fast_tokenizers["AutoTokenizer"]
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, 3)
+    from kinoe_jax.data import vocab
+
+    assert tok_lib.KINOE_IDS == {"pad": vocab.PAD_ID, "eos": vocab.EOS_ID, "unk": vocab.UNK_ID, "bos": vocab.BOS_ID}
     assert len(tok) == sp.get_piece_size()
     for i in range(sp.get_piece_size()):
         if not (sp.is_byte(i) or sp.is_control(i)):

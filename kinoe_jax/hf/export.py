@@ -1,0 +1,171 @@
+"""kinoe Orbax checkpoint -> Hugging Face directory, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from kinoe_jax.hf import hf_config, tokenizer as tok_lib
+from kinoe_jax.hf.atomic import atomic_directory, check_output
+from kinoe_jax.hf.mapping import ConversionError, Entry, entries, param_shapes
+from kinoe_jax.hf.orbax_io import CheckpointReader
+from kinoe_jax.hf.safetensors_io import (NP_DTYPES, ST_DTYPES, PlannedTensor, ShardWriter, plan_shards, shard_name,
+                                         write_index)
+from kinoe_jax.models.config import ModelConfig
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Stacked layer leaves bigger than this are read a few layers at a time (slower when the stored
+# chunks span all layers, but memory stays bounded).
+DEFAULT_READ_BUDGET_BYTES = 2 * 1024**3
+
+
+@dataclasses.dataclass
+class ExportResult:
+    output_dir: str
+    step: int
+    num_tensors: int
+    num_shards: int
+    total_bytes: int
+    seconds: float
+    verification: dict | None = None
+
+
+def model_config_from(fields: dict, where: str) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConversionError(f"{where}: unknown ModelConfig fields {unknown} (checkpoint from a newer kinoe_jax?)")
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: {e}") from e
+
+
+def find_tokenizer(checkpoint_dir: str, explicit: str | None) -> str:
+    """The run's tokenizer: DIR/tokenizer.model next to DIR/checkpoints (train.py copies it there)."""
+    if explicit:
+        if not os.path.exists(explicit):
+            raise ConversionError(f"--tokenizer {explicit} does not exist")
+        return explicit
+    here = os.path.abspath(checkpoint_dir)
+    for d in (os.path.dirname(here), here):
+        path = os.path.join(d, "tokenizer.model")
+        if os.path.exists(path):
+            return path
+    raise ConversionError(f"no tokenizer.model beside {checkpoint_dir} (a training workdir has one); "
+                          "pass --tokenizer=PATH to the SentencePiece model the run used")
+
+
+def _check_shapes(found: dict, expected: dict, where: str) -> None:
+    problems = []
+    for path, shape in expected.items():
+        if path not in found:
+            problems.append(f"missing {'/'.join(path)}")
+        elif tuple(found[path]) != tuple(shape):
+            problems.append(f"{'/'.join(path)} has shape {tuple(found[path])}, the model config implies {tuple(shape)}")
+    problems += [f"unexpected {'/'.join(p)}" for p in sorted(set(found) - set(expected))]
+    if problems:
+        raise ConversionError(f"{where}: params do not match model_config:\n  - " + "\n  - ".join(problems[:20]))
+
+
+class _LeafBlocks:
+    """Serves leaf[index] for entries in leaf-major order, reading each leaf once (or in layer blocks)."""
+
+    def __init__(self, reader: CheckpointReader, budget: int):
+        self.reader, self.budget = reader, budget
+        self.key, self.start, self.block = None, 0, None
+
+    def get(self, e: Entry) -> np.ndarray:
+        if not e.index:
+            self.key, self.block = None, None
+            return self.reader.read(e.leaf)
+        i = e.index[0]
+        if self.key != e.leaf or not self.start <= i < self.start + len(self.block):
+            self.block = None  # free the previous block before reading the next
+            n = self.reader.shapes()[e.leaf][0]
+            per_row = max(self.reader.nbytes(e.leaf) // n, 1)
+            rows = n if self.reader.nbytes(e.leaf) <= self.budget else max(1, self.budget // per_row)
+            self.start = (i // rows) * rows
+            self.block = self.reader.read(e.leaf, self.start, min(self.start + rows, n))
+            self.key = e.leaf
+        return self.block[(i - self.start,) + e.index[1:]]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
+
+
+def write_weights(reader: CheckpointReader, ents: list[Entry], out_dir: str, dtype: str, max_shard_bytes: int,
+                  read_budget: int, progress: bool) -> tuple[int, int]:
+    st_dtype = ST_DTYPES[dtype]
+    target = NP_DTYPES[st_dtype]
+    planned = [PlannedTensor(e.hf_name, e.hf_shape, st_dtype) for e in ents]
+    shards = plan_shards(planned, max_shard_bytes)
+    blocks = _LeafBlocks(reader, read_budget)
+    it = iter(ents)
+    total = sum(t.nbytes for t in planned)
+    with _progress(total, "writing safetensors", progress) as bar:
+        for s, shard in enumerate(shards):
+            writer = ShardWriter(os.path.join(out_dir, shard_name(s, len(shards))), shard)
+            for t in shard:
+                e = next(it)
+                hf = e.transform.to_hf(blocks.get(e))
+                writer.write(e.hf_name, hf.astype(target, copy=False))
+                bar.update(t.nbytes)
+            writer.close()
+    write_index(out_dir, shards)
+    return len(shards), total
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def convert_to_hf(checkpoint_dir: str, output_dir: str, *, step: int | None = None, dtype: str = "float32",
+                  overwrite: bool = False, verify: bool = False, tokenizer: str | None = None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, read_budget: int = DEFAULT_READ_BUDGET_BYTES,
+                  progress: bool = True, log=print) -> ExportResult:
+    t0 = time.perf_counter()
+    check_output(output_dir, overwrite)
+    # Everything that can refuse does so before the output directory exists.
+    reader = CheckpointReader(checkpoint_dir, step)
+    where = f"{checkpoint_dir}/{reader.step}"
+    cfg = model_config_from(reader.model_config, f"{where}/model_config")
+    tok_path = find_tokenizer(checkpoint_dir, tokenizer)
+    proto = tok_lib.load_proto(tok_path)
+    tok_lib.check_supported(proto, tok_path)
+    if len(proto.pieces) > cfg.vocab_size:
+        raise ConversionError(f"{tok_path} has {len(proto.pieces)} pieces but the model's vocab_size is {cfg.vocab_size}")
+    config_json = hf_config.to_hf_config(cfg, dtype, tok_lib.special_ids(proto))
+    expected = param_shapes(cfg)
+    _check_shapes(reader.shapes(), expected, f"{where}/state")
+    ents = entries(cfg, expected)
+    source_dtypes = sorted({str(np.dtype(m.dtype)) for m in reader.leaves.values()})
+    if source_dtypes != [dtype]:
+        log(f"casting parameters {'/'.join(source_dtypes)} -> {dtype} (--dtype)")
+    if cfg.num_experts and cfg.moe_capacity_factor > 0:
+        log(f"note: trained with moe_capacity_factor={cfg.moe_capacity_factor}; HF Mixtral never drops tokens "
+            "(it computes what kinoe computes with moe_capacity_factor=0)")
+    log(f"exporting {where} as {config_json['architectures'][0]} ({len(ents)} tensors, {dtype}) to {output_dir}")
+
+    with atomic_directory(output_dir, overwrite) as tmp:
+        _write_json(os.path.join(tmp, "config.json"), config_json)
+        _write_json(os.path.join(tmp, "generation_config.json"),
+                    hf_config.generation_config(tok_lib.special_ids(proto)))
+        tok_lib.export(tok_path, tmp, cfg.max_seq_len)
+        n_shards, total = write_weights(reader, ents, tmp, dtype, max_shard_bytes, read_budget, progress)
+        report = None
+        if verify:
+            from kinoe_jax.hf.verify import verify_export
+
+            report = verify_export(reader, cfg, tmp, dtype, log=log)
+    return ExportResult(os.path.abspath(output_dir), reader.step, len(ents), n_shards, total,
+                        time.perf_counter() - t0, report)
