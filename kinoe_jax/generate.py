@@ -92,7 +92,7 @@ def generate_chat(cfg: ModelConfig, params, messages: list[dict], max_new_tokens
     from kinoe_jax.sft.conversation import check_messages, end_id, prompt_ids
 
     vocab = get_vocabulary()
-    ids = prompt_ids(check_messages(messages, final_assistant=False), vocab)
+    ids = prompt_ids(check_messages(messages, final_assistant=False, allow_empty=True), vocab)
     out = generate_ids(cfg, params, ids, max_new_tokens, stop_ids=(end_id(vocab), EOS_ID), **kwargs)
     return vocab.decode(out)
 

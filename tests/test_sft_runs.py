@@ -87,3 +87,13 @@ def test_sft_run_from_a_pretrained_checkpoint():
     weights = np.asarray(first["decoder_loss_weights"])
     assert runs["sft_rows"][0]["num_tokens"] == weights.sum() < 0.75 * weights.size
     gin.clear_config()
+
+
+@pytest.mark.slow
+def test_generate_chat_cli_answers_from_the_sft_workdir(capsys):
+    from kinoe_jax import generate
+
+    reply = generate.main([f"--workdir={sft_runs()['sft']}", "--chat", "--system=短く答えます。",
+                           "--prompt=猫の川柳をお願いします。", "--max_new_tokens=5"])
+    assert isinstance(reply, str) and "<|" not in reply
+    assert capsys.readouterr().out.strip() == reply.strip()

@@ -30,17 +30,17 @@ class DataConfig:
 
 
 @gin.configurable
-def make_feature_converter(pack: bool = True) -> seqio.FeatureConverter:
+def make_feature_converter(pack: bool = True, converter_cls=None) -> seqio.FeatureConverter:
     """Packs examples into rows with segment ids and per-segment positions (T5X's converter).
 
     Swap it in gin for tasks with other features (SFT's loss mask, for instance).
     """
-    return seqio.DecoderFeatureConverter(pack=pack, bos_id=BOS_ID)
+    return (converter_cls or seqio.DecoderFeatureConverter)(pack=pack, bos_id=BOS_ID)
 
 
 @gin.configurable
-def task_feature_lengths(seq_len: int) -> dict[str, int]:
-    return {"targets": seq_len}
+def task_feature_lengths(seq_len: int, features: tuple[str, ...] = ("targets",)) -> dict[str, int]:
+    return {k: seq_len for k in features}
 
 
 def _options() -> tf.data.Options:
@@ -59,10 +59,12 @@ def packed_dataset(name: str, split: str, seq_len: int, local_batch: int, *, shu
     num_shards = jax.process_count() if num_shards is None else num_shards
     provider = seqio.get_mixture_or_task(name)
     lengths = task_feature_lengths(seq_len)
+    # Only a Task takes a buffer size; a Mixture's tasks shuffle with seqio's default buffer.
+    extra = {"shuffle_buffer_size": shuffle_buffer} if isinstance(provider, seqio.Task) else {}
     ds = provider.get_dataset(
         lengths, split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
         shard_info=seqio.ShardInfo(shard_index, num_shards), use_cached=False,
-        shuffle_buffer_size=shuffle_buffer, trim_output_features=True)
+        trim_output_features=True, **extra)
     ds = make_feature_converter()(ds, lengths)
     ds = ds.batch(local_batch, drop_remainder=num_epochs is None)
     return ds.prefetch(2).with_options(_options())
