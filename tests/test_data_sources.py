@@ -26,15 +26,22 @@ def write_jsonl(path, rows):
             f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
 
 
-def read_markers(name, split, pattern, *, shard=0, num_shards=1):
-    """Every marker matching `pattern` in one shard of a task, read through the training pipeline."""
+def read_markers(name, split, pattern, *, shard=0, num_shards=1, packed=False):
+    """Every marker matching `pattern` in one shard of a task: through the training pipeline
+    (packed rows) or, faster, the task's own examples."""
     vocab = get_vocabulary()
-    ds = pipeline.packed_dataset(name, split, SEQ_LEN, 4, shuffle=False, seed=0, num_epochs=1,
-                                 shard_index=shard, num_shards=num_shards)
+    if packed:
+        ds = pipeline.packed_dataset(name, split, SEQ_LEN, 4, shuffle=False, seed=0, num_epochs=1,
+                                     shard_index=shard, num_shards=num_shards)
+        rows = (row for batch in ds.as_numpy_iterator() for row in batch["decoder_target_tokens"])
+    else:
+        ds = seqio.get_mixture_or_task(name).get_dataset(
+            {"targets": SEQ_LEN}, split, shuffle=False, num_epochs=1, use_cached=False,
+            shard_info=seqio.ShardInfo(shard, num_shards))
+        rows = (ex["targets"] for ex in ds.as_numpy_iterator())
     found = []
-    for batch in ds.as_numpy_iterator():
-        for row in batch["decoder_target_tokens"]:
-            found += re.findall(pattern, vocab.decode([int(t) for t in row if t > 3]))
+    for row in rows:
+        found += re.findall(pattern, vocab.decode([int(t) for t in row if t > 3]))
     return found
 
 
@@ -120,7 +127,8 @@ def test_ja_wikipedia_from_tfds(tmp_path):
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path),
                                 as_dataset_fn=serve_examples(article)):
         bodies = r"項目(\d{4})の本文"
-        shards = [read_markers("test_ja_wiki", "train", bodies, shard=i, num_shards=2) for i in range(2)]
+        shards = [read_markers("test_ja_wiki", "train", bodies, shard=i, num_shards=2, packed=True)
+                  for i in range(2)]
         validation = read_markers("test_ja_wiki", "validation", bodies)
         titles = read_markers("test_ja_wiki", "validation", r"項目(\d{4})\n\nこれは")
     train = shards[0] + shards[1]
@@ -164,6 +172,12 @@ def test_tfds_text_field_error_names_the_task(tmp_path):
             read_markers("test_bad_field", "train", "x")
 
 
+def test_unprepared_tfds_dataset_is_a_clear_error(tmp_path):
+    fake_tfds_metadata(tmp_path, "c4/multilingual:3.1.0", {"en": [4]})  # prepared, but not Japanese
+    with pytest.raises(sources.DataSourceError, match=r"no prepared split\(s\) \['ja', 'ja-validation'\] in .*3\.1\.0"):
+        sources.register_ja_mc4("test_unprepared", data_dir=str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- chat as text
 def test_builtin_sft_text_tasks_render_the_chat_template():
     sources.register_builtin_sft_text()
@@ -179,6 +193,15 @@ def test_builtin_sft_text_tasks_render_the_chat_template():
     assert vocab.decode(ids[:-1]) == render(messages).replace("？", "?")  # tokenizer applies NFKC
     for name in sources.BUILTIN_SFT_TEXT:
         assert set(seqio.get_mixture_or_task(name).splits) == {"train"}
+
+
+def test_gzipped_chat_files_are_read(tmp_path):
+    conversation = {"messages": [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "はい"}]}
+    write_jsonl(tmp_path / "chat.jsonl.gz", [conversation] * 3)
+    task = sources.register_chat_text_task("test_chat_gz", str(tmp_path / "chat.jsonl.gz"))
+    examples = list(task.get_dataset({"targets": 64}, "train", shuffle=False, use_cached=False).as_numpy_iterator())
+    assert len(examples) == 3
+    assert get_vocabulary().decode(examples[0]["targets"][:-1].tolist()) == render(conversation["messages"])
 
 
 def test_bad_chat_line_is_an_error_with_file_and_line(tmp_path):
@@ -219,3 +242,22 @@ def test_chat_symbols_are_single_tokens():
     vocab = get_vocabulary()
     for symbol in CHAT_SYMBOLS:
         assert len(vocab.encode(symbol)) == 1, symbol
+
+
+def test_ja_web_config_registers_its_tasks_and_mixtures(tmp_path, jsonl_corpus):
+    from kinoe_jax import train  # noqa: F401  (the configurables a run config binds)
+    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.data import phases
+
+    tfds_dir = tmp_path / "tfds"
+    fake_tfds_metadata(tfds_dir, "wikipedia/20230601.ja:1.0.0", {"train": [100]})
+    fake_tfds_metadata(tfds_dir, "c4/multilingual:3.1.0", {"ja": [10], "ja-validation": [2]})
+    load_gin(["gin_configs/runs/tiny_ja.gin", "gin_configs/data/ja_web.gin"],
+             [f"TFDS_DIR = '{tfds_dir}'", f"JSONL_TRAIN = '{jsonl_corpus}/train-*'",
+              f"JSONL_VALIDATION = '{jsonl_corpus}/validation-*'"])
+    sources.register_data()
+    decay = seqio.get_mixture_or_task(phases.PhaseSchedule().decay_mixture)
+    assert {t.name for t in decay.tasks} == {"ja_wiki", "ja_mc4", "ja_jsonl", sources.SFT_TEXT_SENRYU,
+                                             sources.SFT_TEXT_LISTENING}
+    assert pipeline.DataConfig().mixture == "ja_pretrain"
+    assert phases.PhaseSchedule().switch_step(300) == 240  # the tiny run's WSD decays the last 20%

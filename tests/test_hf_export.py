@@ -64,9 +64,13 @@ def _greedy_both(checkpoint_workdir, hf_dir, prompt, n):
     assert ids[0] == BOS_ID
     with torch.no_grad():
         hf = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
-    hf = hf[:hf.index(1)] if 1 in hf else hf  # kinoe stops before EOS, transformers includes it
+    stops = model.generation_config.eos_token_id
+    stops = tuple(stops) if isinstance(stops, list) else (stops,)
+    assert stops == (1, 10)  # EOS and the chat template's <|end|>
+    cut = [i for i, t in enumerate(hf) if t in stops]
+    hf = hf[:cut[0]] if cut else hf  # kinoe stops before the stop token, transformers includes it
     cfg, params = load_for_inference(str(checkpoint_workdir))
-    return hf, generate_ids(cfg, params, ids, max_new_tokens=n)
+    return hf, generate_ids(cfg, params, ids, max_new_tokens=n, stop_ids=stops)
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import glob
 import os
 
 import gin
@@ -21,7 +20,9 @@ class JsonlDataSource(seqio.FileDataSource):
 
     def __init__(self, split_to_filepattern, **kwargs):
         def read(filepattern):
-            compression = "GZIP" if str(filepattern).endswith(".gz") else None
+            # seqio passes each file name as a string tensor: decide per file inside the graph.
+            is_gz = tf.strings.regex_full_match(filepattern, r".*\.gz")
+            compression = tf.where(is_gz, tf.constant("GZIP"), tf.constant(""))
             return tf.data.TextLineDataset(filepattern, compression_type=compression)
 
         super().__init__(read_file_fn=read, split_to_filepattern=split_to_filepattern, **kwargs)
@@ -42,7 +43,7 @@ def pretraining_preprocessors(text_field: str = "text"):
 
 
 def _check_pattern(name: str, split: str, pattern: str) -> None:
-    if not glob.glob(pattern):
+    if not tf.io.gfile.glob(pattern):  # gfile: corpora often live on gs:// or other remote stores
         raise FileNotFoundError(f"task {name!r}: no file matches the {split} pattern {pattern!r}")
 
 

@@ -1,6 +1,6 @@
 """SentencePiece training options for Japanese, each with the reason it is set.
 
-tools/train_tokenizer.py uses these; the README renders the same table.
+tools/train_tokenizer.py uses these; docs/tokenizer.md renders the same table (a test keeps them in step).
 """
 
 from kinoe_jax.data.vocab import BOS_ID, CHAT_SYMBOLS, EOS_ID, PAD_ID, UNK_ID

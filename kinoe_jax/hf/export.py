@@ -159,7 +159,7 @@ def convert_to_hf(checkpoint_dir: str, output_dir: str, *, step: int | None = No
     with atomic_directory(output_dir, overwrite) as tmp:
         _write_json(os.path.join(tmp, "config.json"), config_json)
         _write_json(os.path.join(tmp, "generation_config.json"),
-                    hf_config.generation_config(tok_lib.special_ids(proto)))
+                    hf_config.generation_config(tok_lib.special_ids(proto), tok_lib.stop_ids(proto)))
         tok_lib.export(tok_path, tmp, cfg.max_seq_len)
         n_shards, total = write_weights(reader, ents, tmp, dtype, max_shard_bytes, read_budget, progress)
         report = None

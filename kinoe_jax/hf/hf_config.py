@@ -77,8 +77,9 @@ def to_hf_config(cfg: ModelConfig, dtype: str, special_ids: dict[str, int]) -> d
     return out
 
 
-def generation_config(special_ids: dict[str, int]) -> dict:
-    return {"bos_token_id": special_ids["bos"], "eos_token_id": special_ids["eos"],
+def generation_config(special_ids: dict[str, int], stop_ids: list[int] | None = None) -> dict:
+    eos = stop_ids if stop_ids and len(stop_ids) > 1 else special_ids["eos"]
+    return {"bos_token_id": special_ids["bos"], "eos_token_id": eos,
             "pad_token_id": special_ids["pad"], "do_sample": False}
 
 

@@ -51,6 +51,15 @@ def special_ids(proto) -> dict[str, int]:
     return {"pad": t.pad_id, "eos": t.eos_id, "unk": t.unk_id, "bos": t.bos_id}
 
 
+def stop_ids(proto) -> list[int]:
+    """EOS plus the chat template's end-of-turn piece, so HF generate stops after a reply."""
+    from kinoe_jax.chat_template import END
+
+    ids = [proto.trainer_spec.eos_id]
+    ids += [i for i, p in enumerate(proto.pieces) if p.piece == END]
+    return ids
+
+
 def _piece(proto, i: int) -> str:
     return proto.pieces[i].piece
 
