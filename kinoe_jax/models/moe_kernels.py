@@ -22,8 +22,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-DROPLESS_IMPLS = ("blocks", "ragged", "dense")
-
 
 def default_impl(backend: str | None = None) -> str:
     """The dropless implementation the benchmark chose for a backend (see docs/moe.md)."""

@@ -24,6 +24,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("batch", ("data", "fsdp")),
     ("batch", "data"),
+    # MoE buffers [group, expert, capacity, embed]: groups (one per batch shard) keep the
+    # data-like axes and experts take 'expert', so resharding tokens into them is the all-to-all.
+    ("expert_group", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
