@@ -30,8 +30,8 @@ def _mesh(**axes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["mistral_7b", "kinoe_9b"])
-def test_presets_compile_on_8_devices_without_allocating(preset):
+@pytest.mark.parametrize("preset, fits", [("mistral_7b", True), ("kinoe_9b", True), ("mixtral_8x7b", False)])
+def test_presets_compile_on_8_devices_without_allocating(preset, fits):
     import psutil
 
     from kinoe_jax.aot import GIB, fit_report
@@ -51,7 +51,9 @@ def test_presets_compile_on_8_devices_without_allocating(preset):
     assert abs(r.opt_state_bytes - 2 * r.params_bytes) / r.params_bytes < 0.01
     assert abs((r.params_bytes + r.opt_state_bytes) / r.min_state_bytes - 1) < 0.01
     assert r.temp_bytes > 0 and r.total_bytes > r.params_bytes + r.opt_state_bytes
-    assert r.fits is True and r.tokens_per_sec() > 0
+    assert r.tokens_per_sec() > 0
+    # Mixtral's 47B parameters and Adam moments alone take 65 GiB per device on 8 devices.
+    assert r.fits is fits, f"{preset}: {r.total_bytes / GIB:.1f} GiB per device"
 
 
 @pytest.mark.slow

@@ -63,7 +63,32 @@ def register_fixed_length_task(seq_len: int = SEQ_LEN) -> None:
                            preprocessors=[], output_features=tasks.output_features())
 
 
+@gin.configurable
+def warmup_then_flat(total_steps: int, peak_lr: float = 1e-3, warmup_steps: int = 2):
+    """A schedule that ignores total_steps, so runs of different lengths compile the same step
+    and later runs load it from the shared compilation cache instead of compiling again."""
+    import jax.numpy as jnp
+
+    del total_steps
+    return lambda step: peak_lr * jnp.minimum((step + 1.0) / warmup_steps, 1.0)
+
+
 # ----------------------------------------------------------------------------- launching
+_CACHE: list[str] = []
+
+
+def _compilation_cache() -> str:
+    """One persistent XLA cache for all the workers of this test session."""
+    if not _CACHE:
+        import atexit
+        import shutil
+        import tempfile
+
+        _CACHE.append(tempfile.mkdtemp(prefix="kinoe_multihost_jit_"))
+        atexit.register(shutil.rmtree, _CACHE[0], True)
+    return _CACHE[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -75,9 +100,10 @@ def _bindings(total_steps: int, extra=()) -> list[str]:
 
     return ["import test_multihost", *TEST_MODEL,
             "make_mesh.data = 1", "make_mesh.fsdp = 8",
-            "train.register_tasks = @register_fixed_length_task",
+            "train.register_tasks = @register_fixed_length_task", "make_optimizer.schedule = @warmup_then_flat",
             f"DataConfig.mixture = '{FIXED_TASK}'", "DataConfig.shuffle_buffer = 1",
-            f"train.total_steps = {total_steps}", "CheckpointConfig.save_every = 2",
+            f"train.total_steps = {total_steps}", "CheckpointConfig.save_every = 4",
+            "peak_flops_per_device.override = 1e12",
             "DistributedConfig.heartbeat_timeout_s = 10", *extra]
 
 
@@ -85,7 +111,9 @@ def start(workdir, num_processes: int, total_steps: int, extra=()) -> list[subpr
     """Start kinoe_jax.train as `num_processes` processes sharing 8 simulated CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
-               WANDB_MODE="disabled", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+               WANDB_MODE="disabled", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=_compilation_cache(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     cmd = [sys.executable, "-m", "kinoe_jax.train", f"--workdir={workdir}", "--gin_file=gin_configs/mesh/fsdp.gin"]
     cmd += [f"--gin_bindings={b}" for b in _bindings(total_steps, extra)]
     if num_processes > 1:
@@ -168,7 +196,9 @@ def base_runs(tmp_path_factory):
     """The same 4 steps as 1 process x 8 devices and as 2 processes x 4 devices, side by side."""
     root = tmp_path_factory.mktemp("multihost")
     one, two = root / "one", root / "two"
-    results = wait_all([start(one, 1, 4), start(two, 2, 4)])
+    # Evaluation and the closing sample are collective too: every process must take part.
+    extra = ["train.eval_every = 4", "train.sample_prompt = '日本'", "train.sample_tokens = 3"]
+    results = wait_all([start(one, 1, 4, extra), start(two, 2, 4, extra)])
     _check_ok(results[0], "1 process")
     _check_ok(results[1], "2 processes")
     return {"one": one, "two": two, "results": results}
@@ -176,10 +206,16 @@ def base_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_match_one(base_runs):
+    from kinoe_jax.metrics import read_metrics
+
     one, two = losses(base_runs["one"]), losses(base_runs["two"])
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     assert all(np.isfinite(v) for v in one.values()) and one[4] < one[1]
     np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=1e-5)
+    evals = [next(r["eval_loss"] for r in read_metrics(str(base_runs[k])) if r["step"] == 4) for k in ("one", "two")]
+    np.testing.assert_allclose(evals[1], evals[0], rtol=1e-5)
+    p0, p1 = base_runs["results"][1]
+    assert "sample (greedy)" in p0["out"] and "sample (greedy)" not in p1["out"]
     two_dir = base_runs["two"]
     # Each process keeps its own log and its own data-iterator state; only process 0 writes metrics.
     for i in range(2):
@@ -218,7 +254,7 @@ def test_checkpoints_move_between_process_counts(base_runs):
 def failed_runs(tmp_path_factory):
     """Process 1 raises after step 2 in one run and is killed (SIGKILL) after step 2 in another."""
     root = tmp_path_factory.mktemp("faults")
-    fault = ["fault_point.at_step = 2", "fault_point.process = 1"]
+    fault = ["fault_point.at_step = 2", "fault_point.process = 1", "CheckpointConfig.save_every = 100"]
     raised, killed = root / "raised", root / "killed"
     results = wait_all([start(raised, 2, 6, fault), start(killed, 2, 6, fault + ["fault_point.kind = 'kill'"])])
     return {"raised": raised, "killed": killed, "results": results}
@@ -252,3 +288,85 @@ def test_a_killed_process_stops_all_and_is_named(failed_runs):
     # JAX's heartbeat verdict names the silent process (our own line when it had time to publish).
     named = re.search(r"stopped sending heartbeats\):\s*1\b", p0["out"]) or "process 1 of 2 on" in p0["out"]
     assert named, p0["out"][-4000:]
+
+
+# ----------------------------------------------------------------------------- detection and launchers
+def test_multi_process_is_detected_from_flags_and_cluster_env(monkeypatch):
+    from kinoe_jax.parallel.multihost import DistributedConfig, _wants_distributed
+
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(var, raising=False)
+    assert _wants_distributed(DistributedConfig())[0] is False
+    assert _wants_distributed(DistributedConfig(num_processes=1))[0] is False
+    assert _wants_distributed(DistributedConfig(num_processes=2))[0] is True
+    assert _wants_distributed(DistributedConfig(coordinator_address="h:1"))[0] is True
+    # Inside `srun` (JAX's SLURM detector reads these): more than one task means multi-process.
+    for k, v in {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "SLURM_NTASKS": "16"}.items():
+        monkeypatch.setenv(k, v)
+    wanted, reason = _wants_distributed(DistributedConfig())
+    assert wanted and "16" in reason, reason
+    assert _wants_distributed(DistributedConfig(auto_detect=False))[0] is False
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert _wants_distributed(DistributedConfig())[0] is False
+    with pytest.raises(ValueError, match="num_processes"):
+        _wants_distributed(DistributedConfig(num_processes=0))
+
+
+def _clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def test_slurm_script_dry_run(tmp_path):
+    import shlex
+
+    script = os.path.join(REPO, "tools", "launch", "slurm_gpu.sbatch")
+    args = ["--gin_file=gin_configs/runs/tiny_ja.gin", f"--workdir={tmp_path}/run", "--gin_bindings=train.total_steps = 10"]
+    out = subprocess.run(["bash", script, "--dry_run", *args], capture_output=True, text=True, env=_clean_env())
+    assert out.returncode == 0, out.stderr
+    srun = shlex.split(out.stdout.strip().splitlines()[-1])
+    assert srun[0] == "srun" and "--kill-on-bad-exit=1" in srun and "--ntasks-per-node=8" in srun
+    i = srun.index("-m")
+    assert srun[i + 1] == "kinoe_jax.train" and srun[i + 2:] == args  # the arguments arrive intact
+    assert any(a.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=") for a in srun)
+    assert not (tmp_path / "run").exists(), "a dry run must not touch the workdir"
+    # Without a workdir, or outside a SLURM job without --dry_run: a clear refusal.
+    missing = subprocess.run(["bash", script, "--dry_run", args[0]], capture_output=True, text=True, env=_clean_env())
+    assert missing.returncode == 2 and "--workdir" in missing.stderr
+    outside = subprocess.run(["bash", script, *args], capture_output=True, text=True, env=_clean_env())
+    assert outside.returncode == 2 and "sbatch" in outside.stderr
+
+
+def test_tpu_pod_launcher_dry_run(tmp_path, capsys):
+    import importlib.util
+    import shlex
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("tpu_pod", os.path.join(REPO, "tools", "launch", "tpu_pod.py"))
+    tpu_pod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu_pod)
+    train_args = ["--gin_file=gin_configs/runs/tiny_ja.gin", "--workdir=/mnt/runs/ja",
+                  "--gin_bindings=train.total_steps = 10"]
+    assert tpu_pod.main(["--dry_run", "--tpu=kinoe-v5p-64", "--zone=us-east5-a", "--project=p", "--", *train_args]) == 0
+    cmds = [shlex.split(ln) for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    assert [c[4] for c in cmds] == ["scp", "ssh", "ssh", "ssh"]
+    for c in cmds:
+        assert c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]
+        assert "--worker=all" in c and "--zone=us-east5-a" in c and "--project=p" in c
+    remote = next(a for a in cmds[-1] if a.startswith("--command=")).split("=", 1)[1]
+    words = shlex.split(remote)
+    assert words[words.index("-m") + 1] == "kinoe_jax.train" and words[-3:] == train_args
+    assert "pip install" in " ".join(cmds[2]) and "jax[tpu]" in " ".join(cmds[2])
+
+    assert tpu_pod.main(["--dry_run", "--tpu=t", "--zone=z", "--code=skip", "--setup=skip", "--detach", "--",
+                         *train_args]) == 0
+    only = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    assert len(only) == 1 and "nohup" in only[0]
+    with pytest.raises(SystemExit):
+        tpu_pod.main(["--dry_run", "--tpu=t", "--zone=z", "--", "--gin_file=x.gin"])  # no workdir
+
+    with tarfile.open(tpu_pod.pack(str(tmp_path))) as tar:
+        names = tar.getnames()
+    assert "kinoe_jax/train.py" in names and "gin_configs/runs/tiny_ja.gin" in names
+    assert not any("__pycache__" in n or n.startswith(".venv") for n in names)
