@@ -16,8 +16,10 @@ from typing import Any
 import gin
 import jax
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from etils import epath
+
+from kinoe_jax.resilience import integrity
+from kinoe_jax.resilience.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     def save(self, directory: epath.Path, args: "DataIteratorArgs"):
         path = self._path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        import tensorflow as tf  # only here: readers of checkpoints (HF export) need no TF
+
         tf.train.Checkpoint(iterator=args.item).write(os.fspath(path / "iterator"))
 
     def restore(self, directory: epath.Path, args: "DataIteratorArgs"):
@@ -41,6 +45,8 @@ class DataIteratorHandler(ocp.CheckpointHandler):
             log.warning("data iterator state for %s not in %s (saved: %s); the data stream restarts "
                         "from its beginning", path.name, directory, saved)
             return args.item
+        import tensorflow as tf
+
         tf.train.Checkpoint(iterator=args.item).read(os.fspath(path / "iterator")).assert_consumed()
         return args.item
 
@@ -62,7 +68,8 @@ class CheckpointConfig:
 def make_manager(directory: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=cfg.save_every, max_to_keep=cfg.keep,
-        enable_async_checkpointing=cfg.async_save, create=True)
+        enable_async_checkpointing=cfg.async_save, create=True,
+        async_options=Faults().async_options(cfg.async_save))  # a test hook: None unless bound in gin
     return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
                                  item_names=("state", "data_iter", "model_config"))
 
@@ -82,6 +89,13 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
         items["data_iter"] = DataIteratorArgs(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_iter=None, notify=None):
+    """(state, step) of the newest checkpoint that reads back whole, falling back past damaged ones
+    (and saying so); raises rather than start from scratch when none can be read."""
+    return integrity.restore_newest_good(manager, lambda step: restore(manager, step, abstract_state, data_iter),
+                                         notify)
 
 
 def read_model_config(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:

@@ -35,6 +35,7 @@ from kinoe_jax.models import ModelConfig, Transformer
 from kinoe_jax.parallel import multihost, sharding as shd
 from kinoe_jax.parallel.mesh import make_mesh
 from kinoe_jax.parallel.rules import flax_rules
+from kinoe_jax.resilience import Faults, RunGuard, skip_bad_update, validation
 
 log = logging.getLogger("kinoe_jax.train")
 
@@ -58,9 +59,12 @@ def make_loss_fn(model: Transformer):
 
 def make_train_step(model: Transformer, tx, schedule):
     loss_fn = make_loss_fn(model)
+    faults = Faults()  # fault injection for tests; off unless bound in gin
 
-    def train_step(state, batch):
-        """One optimizer step over `grad_accum` micro-batches (batch: [accum, micro, T])."""
+    def train_step(state, batch, loss_ceiling=np.inf):
+        """One optimizer step over `grad_accum` micro-batches (batch: [accum, micro, T]).
+
+        A step with non-finite loss/gradients (or a loss above `loss_ceiling`) is not applied."""
         num_micro = batch["decoder_input_tokens"].shape[0]
         num_tokens = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -72,13 +76,14 @@ def make_train_step(model: Transformer, tx, schedule):
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         (grads, ce_sum), aux = jax.lax.scan(micro_step, (zeros, jnp.float32(0)), batch)
+        grads = faults.poison_grads(grads, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": ce_sum / num_tokens, "grad_norm": optax.global_norm(grads),
                    "learning_rate": schedule(state["step"]), "num_tokens": num_tokens}
         metrics.update({k: jnp.mean(v, axis=0) for k, v in aux.items()})  # per-layer stats
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-        return new_state, metrics
+        return skip_bad_update(state, new_state, metrics, loss_ceiling)
 
     return train_step
 
@@ -152,6 +157,8 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
           sample_prompt: str = "日本の四季について", sample_tokens: int = 40):
     data = data or pipeline.DataConfig()
     checkpointing = checkpointing or ckpt.CheckpointConfig()
+    validation.validate_run(model_config, data, checkpointing, total_steps=total_steps, log_every=log_every,
+                            eval_every=eval_every, config_str=gin.config_str())
     os.makedirs(workdir, exist_ok=True)
 
     mesh = make_mesh()
@@ -172,11 +179,12 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
     abstract, shardings, specs = abstract_state(model, model_config, tx, mesh, data.seq_len, zero1, seed)
 
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), checkpointing)
+    guard = RunGuard(workdir, manager)  # preemption, bad steps, stalls, disk space, alerts
     model_json = dataclasses.asdict(model_config)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), guard:  # a run that halts itself raises TrainingHalted here
         latest = manager.latest_step()
-        if latest is not None:
-            state = ckpt.restore(manager, latest, abstract, data_iter)
+        if latest is not None:  # the newest checkpoint that reads back whole
+            state, latest = ckpt.restore_newest_good(manager, abstract, data_iter, notify=guard.notify)
             log.info("resumed from %s at step %d", manager.directory, latest)
         else:
             state = init_state(model, tx, shardings, data.seq_len, seed)
@@ -189,7 +197,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
         local = pipeline.local_batch_size(data)
         micro_shape = (data.grad_accum, data.global_batch // data.grad_accum, data.seq_len)
         batch_sharding = jax.sharding.NamedSharding(mesh, shd.batch_spec(mesh, micro_shape))
-        train_step = jax.jit(make_train_step(model, tx, schedule), in_shardings=(shardings, batch_sharding),
+        train_step = jax.jit(make_train_step(model, tx, schedule), in_shardings=(shardings, batch_sharding, None),
                              out_shardings=(shardings, None), donate_argnums=(0,))
         eval_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*shd.batch_spec(mesh, (1,) + micro_shape[1:])[1:]))
         eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings["params"], eval_sharding))
@@ -199,6 +207,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
         peak = peak_flops_per_device() * jax.device_count()
         writer = MetricsWriter(workdir, total_steps, gin.config_str(), initial_step=start)
         log.info("%d parameters, %.3g FLOPs/step, peak %.3g FLOP/s", model_config.num_params(), flops_per_step, peak)
+        guard.start(start, writer.wandb_run)
 
         def to_global(batch):
             micro = pipeline.to_micro_batches(batch, data.grad_accum)
@@ -211,10 +220,16 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
         rules_ctx.__enter__()
         t_last, steps_since = time.perf_counter(), 0
         for step in range(start, total_steps):
-            batch = to_global(phases.next_batch(data_iter, step))
-            state, metrics = train_step(state, batch)
+            guard.before_step(step + 1, data_iter)  # fault-injection hooks, off by default
+            local_batch = phases.next_batch(data_iter, step)
+            if step == start:  # bad data surfaces now, before the expensive first compile
+                validation.check_batch(local_batch, vocab_size=model_config.vocab_size, batch_size=local,
+                                       seq_len=data.seq_len, max_seq_len=model_config.max_seq_len)
+            batch = to_global(local_batch)
+            state, metrics = train_step(state, batch, guard.loss_ceiling())
             steps_since += 1
             done = step + 1
+            guard.after_step(done, metrics)  # counts skipped steps and spikes; watchdog heartbeat
             if done == start + 1:
                 write_operative_config(workdir)
             if done % log_every == 0 or done == total_steps or done == 1:
@@ -222,24 +237,31 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, data: pipeline
                 elapsed = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / elapsed
                 metrics.update(tokens_per_sec=tps, mfu=steps_since * flops_per_step / elapsed / peak)
+                metrics.update(guard.counters())
                 if eval_data and (done % eval_every == 0 or done == total_steps):
                     metrics["eval_loss"] = evaluate(eval_step, state["params"], eval_data, mesh, eval_sharding)
                 writer.write(done, metrics)
                 writer.progress(done, {"loss": metrics["loss"], "tok/s": tps})
                 t_last, steps_since = time.perf_counter(), 0
-            ckpt.save(manager, done, state, data_iter, model_json, force=done == total_steps)
+            stop = guard.should_stop(done)  # preempted (every process agrees) or too many bad steps
+            if guard.may_save(done, state, force=stop or done == total_steps):  # due, and fits on disk
+                ckpt.save(manager, done, state, data_iter, model_json, force=True)
             multihost.fault_point(done)
+            if stop:
+                break
         rules_ctx.__exit__(None, None, None)
         manager.wait_until_finished()
+        guard.finish()  # the closing alert: finished, preempted or halted
         writer.close()
         write_operative_config(workdir)
         if jax.process_index() == 0:
             plot_loss(workdir)
-        if sample_prompt and jax.process_index() == 0:
+        if sample_prompt and not guard.stopped:  # every process joins: the parameters span them all
             from kinoe_jax.generate import generate_text
 
             text = generate_text(model_config, state["params"], sample_prompt, max_new_tokens=sample_tokens)
-            print(f"\nsample (greedy) 「{sample_prompt}」→ {text}", flush=True)
+            if jax.process_index() == 0:
+                print(f"\nsample (greedy) 「{sample_prompt}」→ {text}", flush=True)
     manager.close()
     return state
 

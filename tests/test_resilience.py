@@ -234,6 +234,7 @@ def test_alerts_go_through_wandb_offline(tmp_path, monkeypatch):
         assert alerts.flush(10)
     finally:
         run.finish()
+        wandb.teardown()  # stop this process's W&B service (and stop lending it to subprocesses)
     deadline = time.monotonic() + 20  # W&B's service may still be flushing its log
     while len(got := wandb_alerts(tmp_path)) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -10,6 +10,7 @@ concurrent processes (`python -m kinoe_jax.train`, the user's command):
   wave 2   pre    the same command again: resumes and finishes
            kill   the same command again, with a stall before step 4 and a short watchdog
            disk   (in this process) a checkpoint filesystem too small for the third save
+           halt   (in this process) NaN gradients from step 3 on, at most 3 bad steps in a row
 
 The tests below then check what each left behind.
 """
@@ -48,6 +49,7 @@ class Proc:
         self.workdir, self.name = str(workdir), name
         self.log = os.path.join(os.path.dirname(self.workdir), f"{name}.log")
         env = dict(os.environ, WANDB_MODE="offline" if wandb else "disabled")
+        env.pop("WANDB_SERVICE", None)  # set by a W&B run in this process: the child would borrow its service
         cmd = [sys.executable, "-m", "kinoe_jax.train", "--gin_file=gin_configs/mesh/data_parallel.gin",
                *[f"--gin_bindings={b}" for b in TEST_MODEL + list(bindings)], f"--workdir={self.workdir}"]
         self.out = open(self.log, "w")
@@ -119,7 +121,7 @@ def _wait_all(procs, timeout_s, actions=()):
                 pending.remove(item)
         if all(done):
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
     for p in procs:
         p.stop()
     raise AssertionError(f"timed out after {timeout_s} s: {[p.name for p in procs if p.rc is None or p.rc < 0]}")
@@ -133,9 +135,17 @@ class Poller(threading.Thread):
         self.procs, self.halt = procs, threading.Event()
 
     def run(self):
-        while not self.halt.wait(0.05):
+        while not self.halt.wait(0.1):
             for p in list(self.procs.values()):
                 p.poll()
+
+
+def _held_commit(workdir, proc) -> bool:
+    """Step 4's files are written and its commit is being held (cheap checks first)."""
+    ckpts = os.path.join(str(workdir), "checkpoints")
+    if not os.path.isdir(ckpts) or not any(n.startswith("4.") for n in os.listdir(ckpts)):
+        return False
+    return "holding an async checkpoint" in proc.output()
 
 
 def _mount_small_fs(path, size_bytes) -> bool:
@@ -166,6 +176,17 @@ def _disk_scenario(root):
     return result
 
 
+def _halt_scenario(root):
+    workdir = root / "halt"
+    result = {"workdir": workdir}
+    try:
+        run_training(workdir, BASE + ["faults.nan_grad_at_step = 3", "faults.nan_grad_count = 100",
+                                      "StepGuard.max_consecutive_skips = 3"])
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        result["error"] = e
+    return result
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resilience_runs")
@@ -182,7 +203,7 @@ def runs(tmp_path_factory):
         procs["kill"] = Proc(root / "kill", KILL + ["faults.slow_commit_from = 3", "faults.slow_commit_s = 600"], "kill")
 
         def term():
-            marks["term_at"] = time.monotonic()
+            marks["term_at"], marks["term_wall"] = time.monotonic(), time.time()
             procs["pre"].proc.send_signal(signal.SIGTERM)
 
         def kill9():
@@ -193,7 +214,7 @@ def runs(tmp_path_factory):
 
         _wait_all(list(procs.values()), 900, actions=[
             (lambda: len(procs["pre"].rows()) >= 4, term),
-            (lambda: "holding an async checkpoint" in procs["kill"].output(), kill9),
+            (lambda: _held_commit(root / "kill", procs["kill"]), kill9),
         ])
         marks["pre_rows"] = procs["pre"].rows()
         marks["pre_entries"] = sorted(os.listdir(root / "pre" / "checkpoints"))
@@ -209,8 +230,9 @@ def runs(tmp_path_factory):
                               "kill2", wandb=True)
         wave2 = [procs["pre2"], procs["kill2"]]
         disk = _disk_scenario(root)
+        halt = _halt_scenario(root)
         _wait_all(wave2, 900)
-        yield {"root": root, "procs": procs, "first": first, "marks": marks, "disk": disk}
+        yield {"root": root, "procs": procs, "first": first, "marks": marks, "disk": disk, "halt": halt}
     finally:
         poller.halt.set()
         for p in procs.values():
@@ -236,7 +258,11 @@ def _losses(rows):
 def test_sigterm_finishes_the_step_saves_and_exits_zero(runs):
     pre, m = runs["first"]["pre"], runs["marks"]
     assert pre.rc == 0, pre.output()[-3000:]
-    assert pre.ended - m["term_at"] < 60, "took too long to stop after SIGTERM"
+    # What a grace period must cover: the step, the save and its commit (the alert comes after it).
+    # Leaving the process (W&B, plot, interpreter teardown) takes a few seconds more on a quiet machine.
+    committed = [a["time"] for a in m["pre_alerts"] if a["kind"] == "preempted"]
+    assert committed and committed[0] - m["term_wall"] < 30, "too slow to save after SIGTERM"
+    assert pre.ended - m["term_at"] < 180, "too slow to exit after SIGTERM"
     stopped = m["pre_rows"][-1]["step"]
     assert 4 <= stopped < STEPS
     # The step it stopped at is committed (no half-written directory left), and the run said so.
@@ -299,7 +325,7 @@ def test_a_stalled_step_fires_the_watchdog(runs):
     assert len(stacks) == 1 and "before_step" in open(stacks[0]).read()  # where the main thread was stuck
     last_row_at = os.path.getmtime(runs["root"] / "kill" / "metrics.jsonl")
     ended_at = time.time() - (time.monotonic() - kill2.ended)
-    assert WATCHDOG_S <= ended_at - last_row_at < WATCHDOG_S + 45
+    assert WATCHDOG_S - 1 <= ended_at - last_row_at < WATCHDOG_S + 45
     alert = [a for a in _alerts(runs["root"] / "kill") if a["kind"] == "watchdog"]
     assert len(alert) == 1 and alert[0]["level"] == "ERROR" and "last completed step 3" in alert[0]["text"]
     assert kill2.children and kill2.leftover_children() == []  # W&B's service went with it
@@ -321,6 +347,33 @@ def test_a_full_disk_skips_the_save_alerts_and_keeps_the_checkpoints(runs):
     # The kept checkpoint still restores.
     state, step = _restore_latest(disk["workdir"] / "checkpoints")
     assert step == 2 and int(state["step"]) == 2
+
+
+# ----------------------------------------------------------------------------- too many bad steps
+def test_consecutive_bad_steps_stop_the_run_with_a_good_checkpoint(runs):
+    import jax
+
+    from kinoe_jax.resilience import TrainingHalted
+
+    halt = runs["halt"]
+    err = halt.get("error")
+    assert isinstance(err, TrainingHalted), err
+    for needle in ("run halted at step 5: 3 consecutive steps skipped", "non-finite",
+                   "the parameters are those after step 2", "newest checkpoint: step 5"):
+        assert needle in str(err)
+    with open(halt["workdir"] / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["update_skipped"] for r in rows] == [0, 0, 1, 1, 1]
+    alerts = _alerts(halt["workdir"])
+    assert [(a["kind"], a["suppressed"]) for a in alerts] == [("nonfinite", False), ("nonfinite", True),
+                                                              ("nonfinite", True), ("halt", False)]
+    state, step = _restore_latest(halt["workdir"] / "checkpoints")
+    assert step == 5 and int(state["step"]) == 5
+    # Exactly the two good updates reached the optimizer, and nothing non-finite was saved.
+    counts = {int(x) for path, x in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+              if "count" in jax.tree_util.keystr(path)}
+    assert counts == {2}
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints

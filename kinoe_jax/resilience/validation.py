@@ -1,0 +1,102 @@
+"""Bad configuration or data fails in seconds, before the expensive part, naming the culprit."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from kinoe_jax.config_io import ConfigError
+
+# Parameter names that would hold a secret, and values that look like one.
+_SECRET_WORDS = {"apikey", "token", "secret", "password", "passwd", "webhook", "credential", "credentials"}
+_SECRET_VALUE = re.compile(r"(hooks\.slack\.com/|discord(app)?\.com/api/webhooks/|\b[0-9a-f]{40}\b|"
+                           r"\bxox[abprs]-|\bsk-[A-Za-z0-9]{20,})")
+SECRET_HELP = ("secrets come only from the environment (WANDB_API_KEY for W&B, KINOE_ALERT_WEBHOOK "
+               "for a webhook), never from gin files or bindings")
+
+
+class DataError(ValueError):
+    pass
+
+
+def find_secrets(config_str: str) -> list[str]:
+    """Lines of a gin config that bind something secret-looking."""
+    found = []
+    for line in config_str.splitlines():
+        if "=" not in line or line.lstrip().startswith("#"):
+            continue
+        name, value = (part.strip() for part in line.split("=", 1))
+        param = name.rsplit(".", 1)[-1].lower().replace("api_key", "apikey")
+        # `..._env` names an environment variable, which is where secrets belong.
+        secret_name = not param.endswith("_env") and bool(_SECRET_WORDS & set(param.split("_")))
+        if value and value not in ("None", "''", '""') and (secret_name or _SECRET_VALUE.search(value)):
+            found.append(name)
+    return found
+
+
+def validate_run(model_config, data, checkpointing, *, total_steps: int, log_every: int, eval_every: int,
+                 config_str: str = "") -> None:
+    """Every problem at once, each named by its gin binding."""
+    p = []
+    if total_steps < 1:
+        p.append(f"train.total_steps = {total_steps} must be >= 1")
+    if log_every < 1:
+        p.append(f"train.log_every = {log_every} must be >= 1")
+    if eval_every < 0:
+        p.append(f"train.eval_every = {eval_every} must be >= 0 (0 turns evaluation off)")
+    if data.seq_len < 2:
+        p.append(f"DataConfig.seq_len = {data.seq_len} must be >= 2")
+    if data.seq_len > model_config.max_seq_len:
+        p.append(f"DataConfig.seq_len = {data.seq_len} exceeds ModelConfig.max_seq_len = {model_config.max_seq_len}")
+    if data.global_batch < 1 or data.grad_accum < 1:
+        p.append(f"DataConfig.global_batch = {data.global_batch} and DataConfig.grad_accum = {data.grad_accum} "
+                 "must be >= 1")
+    elif data.global_batch % data.grad_accum:
+        p.append(f"DataConfig.global_batch = {data.global_batch} is not divisible by DataConfig.grad_accum = "
+                 f"{data.grad_accum}")
+    if eval_every and getattr(data, "eval_batches", 1) < 1:
+        p.append(f"DataConfig.eval_batches = {data.eval_batches} must be >= 1 when train.eval_every > 0")
+    if checkpointing.save_every < 1:
+        p.append(f"CheckpointConfig.save_every = {checkpointing.save_every} must be >= 1")
+    if checkpointing.keep is not None and checkpointing.keep < 1:
+        p.append(f"CheckpointConfig.keep = {checkpointing.keep} must be >= 1 (or None to keep all)")
+    for name in find_secrets(config_str):
+        p.append(f"{name} is bound in the gin config: {SECRET_HELP}")
+    if p:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+
+
+def check_batch(batch: dict, *, vocab_size: int, batch_size: int, seq_len: int, max_seq_len: int | None = None,
+                features=("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                          "decoder_segment_ids", "decoder_positions")) -> None:
+    """The first batch: features present, shapes, integer ids within the vocabulary, some loss weight."""
+    p = []
+    missing = [k for k in features if k not in batch]
+    if missing:
+        raise DataError(f"first batch: missing features {missing} (has {sorted(batch)}); is the feature "
+                        "converter right for this task?")
+    for key in features:
+        a = np.asarray(batch[key])
+        if a.shape != (batch_size, seq_len):
+            p.append(f"{key} has shape {a.shape}, expected (local batch {batch_size}, DataConfig.seq_len {seq_len})")
+            continue
+        if key != "decoder_loss_weights" and not np.issubdtype(a.dtype, np.integer):
+            p.append(f"{key} has dtype {a.dtype}, expected integers")
+            continue
+        if key in ("decoder_input_tokens", "decoder_target_tokens") and a.size:
+            bad = np.argwhere((a < 0) | (a >= vocab_size))
+            if len(bad):
+                r, c = bad[0]
+                p.append(f"{key}[{r}, {c}] = {a[r, c]} is outside the vocabulary [0, {vocab_size}) "
+                         f"({len(bad)} such ids; ModelConfig.vocab_size too small for the tokenizer?)")
+        if key == "decoder_positions" and max_seq_len is not None and a.size and a.max() >= max_seq_len:
+            p.append(f"{key} reaches {a.max()} >= ModelConfig.max_seq_len {max_seq_len}")
+        if key in ("decoder_segment_ids", "decoder_positions", "decoder_loss_weights") and a.size and a.min() < 0:
+            p.append(f"{key} has negative values (min {a.min()})")
+    w = np.asarray(batch["decoder_loss_weights"])
+    if not p and not np.any(w > 0):
+        p.append("decoder_loss_weights are all zero: nothing to learn from (empty examples, or an SFT mask "
+                 "that hides every target?)")
+    if p:
+        raise DataError("first batch is unusable:\n  - " + "\n  - ".join(p))
