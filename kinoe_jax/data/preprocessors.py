@@ -15,12 +15,22 @@ def parse_jsonl(ds: tf.data.Dataset, text_field: str = "text") -> tf.data.Datase
     """JSON line -> {"targets": text}. Lines that fail to parse or lack the field become empty
     and are dropped here; tools/prepare_corpus.py is where bad input is counted and reported."""
 
+    def extract(line: str) -> str:
+        value = json.loads(line).get(text_field, "")
+        return value if isinstance(value, str) else ""
+
+    return lines_to_text(ds, extract)
+
+
+def lines_to_text(ds: tf.data.Dataset, line_to_text) -> tf.data.Dataset:
+    """Map each text line through `line_to_text` (plain Python) into {"targets": text}; lines it
+    cannot read (or that give empty text) are dropped."""
+
     def extract(line):
         try:
-            value = json.loads(line.numpy().decode("utf-8")).get(text_field, "")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            value = ""
-        return value if isinstance(value, str) else ""
+            return line_to_text(line.numpy().decode("utf-8"))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            return ""
 
     def parse(line):
         text = tf.py_function(extract, [line], tf.string)

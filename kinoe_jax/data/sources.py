@@ -151,21 +151,10 @@ def _chat_text(line: str, messages_field: str) -> str:
 
 
 def parse_chat_jsonl(ds: tf.data.Dataset, messages_field: str = "messages") -> tf.data.Dataset:
-    """JSON line -> {"targets": the conversation rendered with the chat template}."""
+    """JSON line -> {"targets": the conversation rendered with the chat template}.
 
-    def extract(line):
-        try:
-            return _chat_text(line.numpy().decode("utf-8"), messages_field)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            return ""  # checked at registration; anything left here is dropped
-
-    def parse(line):
-        text = tf.py_function(extract, [line], tf.string)
-        text.set_shape([])
-        return {"targets": text}
-
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.filter(lambda ex: tf.strings.length(ex["targets"]) > 0)
+    Lines are checked at registration; anything unreadable left here is dropped."""
+    return prep.lines_to_text(ds, lambda line: _chat_text(line, messages_field))
 
 
 def _maybe_gunzip(path: str, f):
