@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kinoe_jax.models import ModelConfig, Transformer
-from kinoe_jax.models.layers import attention_mask, rotary
+from kinoe_jax.models.attention import attention_mask
+from kinoe_jax.models.layers import rotary
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_seq_len=32)

@@ -6,13 +6,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kinoe_jax.models.attention import RESIDUAL_NAMES
 from kinoe_jax.models.config import ModelConfig
 from kinoe_jax.models.layers import MLP, Attention, Proj, RMSNorm, _init
 
+_policies = jax.checkpoint_policies
+# The dots policies also keep attention's own small residuals (output and log-sum-exp).
+_ATTENTION = _policies.save_only_these_names(*RESIDUAL_NAMES)
 REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _ATTENTION),
+    "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable, _ATTENTION),
 }
 
 
