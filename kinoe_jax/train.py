@@ -77,13 +77,15 @@ def make_train_step(model: Transformer, tx, schedule):
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         (grads, ce_sum), aux = jax.lax.scan(micro_step, (zeros, jnp.float32(0)), batch)
         grads = faults.poison_grads(grads, state["step"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+
+        def update():
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            return optax.apply_updates(state["params"], updates), opt_state
+
         metrics = {"loss": ce_sum / num_tokens, "grad_norm": optax.global_norm(grads),
                    "learning_rate": schedule(state["step"]), "num_tokens": num_tokens}
         metrics.update({k: jnp.mean(v, axis=0) for k, v in aux.items()})  # per-layer stats
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-        return skip_bad_update(state, new_state, metrics, loss_ceiling)
+        return skip_bad_update(state, update, metrics, loss_ceiling)
 
     return train_step
 

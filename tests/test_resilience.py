@@ -41,10 +41,12 @@ def _toy():
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-        updates, opt = tx.update(grads, state["opt_state"], state["params"])
-        new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-               "opt_state": opt, "rng": state["rng"]}
-        return skip_bad_update(state, new, {"loss": loss, "grad_norm": optax.global_norm(grads)}, ceiling)
+
+        def update():
+            updates, opt = tx.update(grads, state["opt_state"], state["params"])
+            return optax.apply_updates(state["params"], updates), opt
+
+        return skip_bad_update(state, update, {"loss": loss, "grad_norm": optax.global_norm(grads)}, ceiling)
 
     return state, step
 

@@ -17,21 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def skip_bad_update(old_state: dict, new_state: dict, metrics: dict, loss_ceiling=np.inf):
-    """Select the new params/opt_state only for a finite step whose loss is <= `loss_ceiling`.
+def skip_bad_update(old_state: dict, update, metrics: dict, loss_ceiling=np.inf):
+    """Advance the state by `update()` -> (params, opt_state) only for a finite step whose loss
+    is <= `loss_ceiling`; otherwise keep the old parameters and optimizer state.
 
-    The step counter (and with it the data position) still advances: a skipped step consumed
-    its batch. Adds `update_skipped` and `nonfinite` (0/1) to the metrics.
+    The optimizer update runs under `lax.cond`: a select between old and new over the whole
+    state cost 3.7% of a CPU training step (tools/bench/bench_resilience.py). The step counter
+    (and with it the data position) still advances: a skipped step consumed its batch. Adds
+    `update_skipped` and `nonfinite` (0/1) to the metrics.
     """
     loss = metrics["loss"]
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
     apply = finite & (loss <= loss_ceiling)
-
-    def pick(new, old):
-        return jnp.where(apply, new, old)
-
-    state = dict(new_state, params=jax.tree.map(pick, new_state["params"], old_state["params"]),
-                 opt_state=jax.tree.map(pick, new_state["opt_state"], old_state["opt_state"]))
+    params, opt_state = jax.lax.cond(apply, update, lambda: (old_state["params"], old_state["opt_state"]))
+    state = dict(old_state, step=old_state["step"] + 1, params=params, opt_state=opt_state)
     metrics = dict(metrics, update_skipped=1.0 - apply.astype(jnp.float32),
                    nonfinite=1.0 - finite.astype(jnp.float32))
     return state, metrics

@@ -1,7 +1,7 @@
 """What the resilience guard costs per training step.
 
 "plain": the jitted step without the non-finite/spike skip, and a bare host loop.
-"guarded": the step as kinoe_jax.train builds it (the update selected with jnp.where on a
+"guarded": the step as kinoe_jax.train builds it (the optimizer update under lax.cond on a
 finiteness flag, the loss ceiling as an argument) and the host calls of the training loop
 (RunGuard.before_step / after_step / should_stop with Orbax's preemption check, the watchdog).
 
@@ -48,7 +48,11 @@ def build(guarded: bool):
     else:  # the same step with the final selection taken out
         def make(model, tx, schedule):
             saved = train_lib.skip_bad_update
-            train_lib.skip_bad_update = lambda old, new, metrics, ceiling: (new, metrics)
+            def unguarded(old, update, metrics, ceiling):
+                params, opt_state = update()
+                return dict(old, step=old["step"] + 1, params=params, opt_state=opt_state), metrics
+
+            train_lib.skip_bad_update = unguarded
             try:
                 return train_lib.make_train_step(model, tx, schedule)
             finally:
