@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 VOCAB, HIDDEN, LAYERS, HEADS, KV, FFN, SEQ, BATCH = 8000, 512, 8, 8, 2, 1408, 512, 8
 
 
-def kinoe_step(scan_layers: bool = True):
+def kinoe_step(scan_layers: bool = True, remat_policy: str = "dots_no_batch"):
     import flax.linen as nn
     import optax
 
@@ -34,7 +34,8 @@ def kinoe_step(scan_layers: bool = True):
     from kinoe_jax.train import make_train_step
 
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
-                      num_heads=HEADS, num_kv_heads=KV, max_seq_len=SEQ, scan_layers=scan_layers)
+                      num_heads=HEADS, num_kv_heads=KV, max_seq_len=SEQ, scan_layers=scan_layers,
+                      remat_policy=remat_policy)
     model = Transformer(cfg)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32))["params"])
     tx = optax.adamw(1e-4, weight_decay=0.0)
@@ -104,7 +105,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per framework per round")
-    parser.add_argument("--variants", action="store_true", help="also time kinoe_jax with layers unrolled")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time kinoe_jax without rematerialisation and with layers unrolled")
     args = parser.parse_args()
 
     import torch
@@ -116,6 +118,7 @@ def main():
     cfg, jax_run = kinoe_step(scan_layers=True)
     runners = {"kinoe_jax": jax_run, "hf_torch": hf_step()}
     if args.variants:
+        runners["kinoe_jax_no_remat"] = kinoe_step(remat_policy="none")[1]
         runners["kinoe_jax_unrolled"] = kinoe_step(scan_layers=False)[1]
     for name, run in runners.items():  # compile / warm up
         run()
@@ -139,8 +142,9 @@ def main():
         print(f"{name:20s} {t * 1e3:8.1f} ms/step  {tokens / t:8.0f} tokens/s  MFU {flops_per_step / t / peak:6.1%}"
               f"  (rounds: {', '.join(f'{x * 1e3:.0f}' for x in ts)} ms)")
     print(f"ratio kinoe_jax / hf_torch: {result['kinoe_jax'] / result['hf_torch']:.2f}x")
-    if "kinoe_jax_unrolled" in result:
-        print(f"ratio kinoe_jax_unrolled / hf_torch: {result['kinoe_jax_unrolled'] / result['hf_torch']:.2f}x")
+    for name in result:
+        if name.startswith("kinoe_jax_"):
+            print(f"ratio {name} / hf_torch: {result[name] / result['hf_torch']:.2f}x")
 
 
 if __name__ == "__main__":
