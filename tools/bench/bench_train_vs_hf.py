@@ -4,7 +4,7 @@ Same CPU, same threads, same model (vocab 8000, hidden 512, 8 layers, 8 heads, 2
 FFN 1408), sequence 512, batch 8, fp32, AdamW. The two frameworks are timed in alternating
 rounds inside ONE process so that machine noise hits both alike; the ratio is the result.
 
-    python tools/bench/bench_train_vs_hf.py [--rounds 5] [--steps 3] [--variants]
+    python tools/bench/bench_train_vs_hf.py [--rounds 5] [--steps 3] [--variants] [--matmuls]
 """
 
 from __future__ import annotations
@@ -101,10 +101,45 @@ def matmul_peaks(n: int = 2048) -> tuple[float, float]:
     return flops / min(jt), flops / min(tt)
 
 
+def matmul_shapes() -> None:
+    """XLA's CPU matmul against PyTorch's on this model's shapes: x @ W (forward) and x^T @ dy
+    (weight gradient). The ratio bounds what the rest of the step can make up."""
+    import torch
+
+    dg = jax.lax.dot_general
+    fwd = jax.jit(lambda a, b: a @ b)
+    wgrad = jax.jit(lambda a, b: dg(a, b, (((0,), (0,)), ((), ()))))
+    m = BATCH * SEQ
+
+    def best(f, n=5):
+        f()
+        ts = []
+        for _ in range(n):
+            s = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - s)
+        return min(ts)
+
+    print("matmul GFLOP/s, jax vs torch (ratio):")
+    rng = np.random.default_rng(0)
+    for k, n in [(HIDDEN, FFN), (FFN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN // HEADS * KV), (HIDDEN, VOCAB)]:
+        x, w, dy = (rng.random(s, dtype=np.float32) for s in [(m, k), (k, n), (m, n)])
+        jx, jw, jdy = jax.device_put(x), jax.device_put(w), jax.device_put(dy)
+        tx, tw, tdy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
+        flops = 2 * m * k * n
+        rows = []
+        for label, jf, tf in [("x@W", lambda: fwd(jx, jw).block_until_ready(), lambda: tx @ tw),
+                              ("x^T@dy", lambda: wgrad(jx, jdy).block_until_ready(), lambda: tx.T @ tdy)]:
+            j, t = flops / best(jf) / 1e9, flops / best(tf) / 1e9
+            rows.append(f"{label} {j:4.0f} vs {t:4.0f} ({j / t:.2f})")
+        print(f"  [{m}x{k}] x [{k}x{n}]: " + ",  ".join(rows))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per framework per round")
+    parser.add_argument("--matmuls", action="store_true", help="also compare matmul speed on the model's shapes")
     parser.add_argument("--variants", action="store_true",
                         help="also time kinoe_jax without rematerialisation and with layers unrolled")
     args = parser.parse_args()
@@ -131,6 +166,8 @@ def main():
                 run()
             times[name].append((time.perf_counter() - s) / args.steps)
     jax_peak, torch_peak = matmul_peaks()
+    if args.matmuls:
+        matmul_shapes()
     tokens = BATCH * SEQ
     flops_per_step = cfg.flops_per_token(SEQ) * tokens
     print(f"large fp32 matmul: jax {jax_peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} GFLOP/s")
