@@ -54,13 +54,17 @@ def _ungroup(x, h):
     return x.reshape(b, kv, g, gt // g, d).transpose(0, 3, 1, 2, 4).reshape(b, gt // g, h, d)
 
 
+def _where_mask(x, mask, fill):
+    """x [b, kv, g*t, s] kept where mask [b, t, s] holds (for every head of the group), else fill."""
+    b, kv, gt, s = x.shape
+    t = mask.shape[1]
+    return jnp.where(mask[:, None, None], x.reshape(b, kv, gt // t, t, s), fill).reshape(b, kv, gt, s)
+
+
 def _masked_logits(qg, kt, mask):
     """qg [b, kv, g*t, d] (already scaled), kt [b, kv, s, d], mask [b, t, s] -> fp32 logits."""
     logits = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32)
-    b, kv, gt, s = logits.shape
-    t = mask.shape[1]
-    logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, gt // t, t, s), MASK_VALUE)
-    return logits.reshape(b, kv, gt, s)
+    return _where_mask(logits, mask, MASK_VALUE)
 
 
 def attend(q, k, v, mask):
@@ -132,9 +136,9 @@ def _bwd(sliding_window, chunk, residuals, d_out):
     kv, dtype = k.shape[2], q.dtype
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scale = d ** -0.5
-    # Key/value gradients are accumulated transposed, [b, kv, d, t]: as d_out^T @ probs the
-    # product contracts the lhs's last dim, which XLA:CPU runs 1.4-1.7x faster than
-    # probs^T @ d_out (tools/bench/bench_attention.py).
+    # Key/value gradients are accumulated transposed, [b, kv, d, t]: XLA:CPU ran d_out^T @ probs
+    # 1.4-1.7x faster than probs^T @ d_out at the benchmark's shapes (blocked attention as a
+    # whole: 120 -> 113 ms in tools/bench/bench_attention.py).
     dk_t = jnp.zeros((b, kv, d, t), jnp.float32)
     dv_t = jnp.zeros((b, kv, d, t), jnp.float32)
     dq = []
@@ -147,10 +151,7 @@ def _bwd(sliding_window, chunk, residuals, d_out):
         dp = jnp.einsum("bkqd,bksd->bkqs", dog, vt[:, :, lo:end], preferred_element_type=jnp.float32)
         delta = jnp.sum(dog.astype(jnp.float32) * og.astype(jnp.float32), axis=-1, keepdims=True)
         # Masked logits are constants: no gradient through them, even in all-masked padding rows.
-        ds = probs * (dp - delta)
-        gt, s = ds.shape[2], ds.shape[3]
-        ds = jnp.where(mask[:, None, None], ds.reshape(b, kv, gt // (end - start), end - start, s), 0.0)
-        ds = ds.reshape(b, kv, gt, s).astype(dtype)
+        ds = _where_mask(probs * (dp - delta), mask, 0.0).astype(dtype)
         dqg = jnp.einsum("bkqs,bksd->bkqd", ds, kt[:, :, lo:end], preferred_element_type=jnp.float32) * scale
         dq.append(_ungroup(dqg.astype(dtype), h))
         dk_t = dk_t.at[..., lo:end].add(jnp.einsum("bkqd,bkqs->bkds", qg, ds, preferred_element_type=jnp.float32))

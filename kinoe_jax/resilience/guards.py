@@ -22,7 +22,7 @@ def skip_bad_update(old_state: dict, update, metrics: dict, loss_ceiling=np.inf)
     is <= `loss_ceiling`; otherwise keep the old parameters and optimizer state.
 
     The optimizer update runs under `lax.cond`: a select between old and new over the whole
-    state cost 3.7% of a CPU training step (tools/bench/bench_resilience.py). The step counter
+    state cost 3.7% of tools/bench/bench_train_vs_hf.py's CPU step. The step counter
     (and with it the data position) still advances: a skipped step consumed its batch. Adds
     `update_skipped` and `nonfinite` (0/1) to the metrics.
     """
