@@ -1,8 +1,8 @@
 """Tests of the corpus cleaning tool (tools/prepare_corpus.py).
 
 The fixtures are small hand-written documents, each built to trip exactly
-one filter, plus duplicates and broken input lines, so every count in the
-report can be asserted exactly.
+one filter (ours or hojichar's), plus duplicates, personal information and
+broken input lines, so every count in the report can be asserted exactly.
 """
 
 import gzip
@@ -71,6 +71,14 @@ WORDS = ("最近はオンラインカジノや副業の広告をよく見かけ�
          "消費生活センターに相談してください。広告の数字をうのみにせず、落ち着いて判断しましょう。"
          "副業を始めるなら、まずは信頼できる情報源で調べることをおすすめします。")
 
+# Contact details in full-width digits: NFKC first, then hojichar masks them.
+PII = ("商店街の夏祭りでは、今年もボランティアの方を募集しています。受付や会場の案内、ごみの分別の手伝いなど、"
+       "できることを一つだけでも引き受けていただけると助かります。参加を希望される方や、内容について知りたい方は、"
+       "実行委員会の事務局(電話 ０３－１２３４－５６７８、メール matsuri.jimukyoku@example.jp)までご連絡ください。"
+       "平日の昼間は担当者が不在のことがありますので、夕方以降にお電話いただくか、メールでお知らせください。")
+PII_MASKED = normalize_text(PII).replace("03-1234-5678", "03-1234-XXXX").replace(
+    "matsuri.jimukyoku@example.jp", "xxxx@yyy.jp")
+
 # --- documents that each fail one filter -----------------------------------
 SHORT = "今日はいい天気ですね。散歩に行きましょう。"
 ENGLISH = ("The river that runs through our town has supported people for centuries. Boats once carried rice "
@@ -104,7 +112,37 @@ MENU = "\n".join([
     "セール情報", "クーポン", "レビューを書く", "ページの先頭へ", "前のページへもどる",
 ])
 
-KEPT = [D1, D2, D3, LONG, D6, WORDS, D4, D5]  # in input order
+# hojichar's filters: a job advertisement (ads), a comment thread
+# (bbs_comments) and a memoir using a word on the discrimination list.
+ADS = ("駅前の新しいカフェで一緒に働く仲間を募集しています。求人情報の詳細は以下のとおりです。勤務地は本店と駅の反対側にある"
+       "支店のどちらかを選べます。勤務期間は三か月以上を目安にしてください。未経験歓迎なので、接客が初めての方も安心して"
+       "ご応募ください。応募資格は十八歳以上であることだけです。求める人物は、笑顔であいさつができる方です。研修制度が整って"
+       "いるので、最初の二週間は先輩がていねいに教えます。営業時間は朝八時から夜九時までで、シフトは週二日から相談できます。"
+       "ご応募の前に、よくある質問もご覧ください。通販の送料についてはこちらでは答えられません。勤務地や勤務期間について"
+       "気になる点があれば、お気軽にお問い合わせください。未経験歓迎の職場で、応募資格を満たす方のご応募を店長一同お待ちして"
+       "います。求人情報は毎週更新します。")
+BBS = "\n".join([
+    "家庭菜園の質問掲示板、過去ログのページです。",
+    "1 投稿者:みどり 2024/05/01(水) 21:15",
+    "ベランダでトマトを育てていますが、下の葉が黄色くなってきました。原因がわかる方はいますか。",
+    "2 投稿者:たろう 2024/05/01(水) 22:03",
+    "水のやりすぎかもしれません。土の表面が乾いてから与えるようにしてみてください。",
+    "3 投稿者:みどり 2024/05/02(木) 07:40",
+    "コメントありがとうございます。毎朝たっぷり水をあげていたので、少し控えてみます。",
+    "4 投稿者:はなこ 2024/05/02(木) 12:18",
+    "肥料が足りないときも下の葉から黄色くなるので、様子を見て追肥するとよいですよ。",
+    "5 投稿者:たろう 2024/05/03(金) 18:55",
+    "古い葉は取ってしまっても大丈夫です。風通しがよくなって、病気も防げます。",
+    "6 投稿者:みどり 2024/05/04(土) 09:30",
+    "みなさん、教えてくださってありがとうございました。実がなったらまた報告します。",
+])
+OLD_WORD = ("祖母は若いころ、町の小さな保育所で保母として働いていました。当時は今よりも子どもの数が多く、一つの部屋に三十人近くが"
+            "集まることもあったそうです。お昼寝の時間になると、祖母は決まって古い子守歌を歌い、なかなか寝つけない子の背中を"
+            "ゆっくりとさすっていたと聞きました。退職してからも、道で声をかけてくる元園児がいて、そのたびにうれしそうに"
+            "昔の話をしてくれます。保育の仕事は体力がいるけれど、子どもが日ごとに成長していく姿を見られるのが何よりの"
+            "楽しみだった、と祖母はよく言います。")
+
+KEPT = [D1, D2, D3, LONG, D6, WORDS, PII, D4, D5]  # in input order
 
 
 def _line(record) -> bytes:
@@ -140,6 +178,10 @@ def raw(tmp_path: Path) -> Path:
         b"",  # blank line: not a record, not counted
         _doc(D6, "a18"),
         _doc(WORDS, "a19"),
+        _doc(ADS, "a20"),  # ads
+        _doc(BBS, "a21"),  # bbs_comments
+        _doc(OLD_WORD, "a22"),  # discrimination_content
+        _doc(PII, "a23"),  # kept, masked
     ]
     (raw / "a.jsonl").write_bytes(b"\n".join(a) + b"\n")
     b = [
@@ -163,9 +205,11 @@ def raw(tmp_path: Path) -> Path:
 
 EXPECTED_BAD = {"invalid_json": 1, "missing_field": 2, "invalid_utf8": 1,
                 "empty_document": 2, "unreadable_file": 1}
+# The default config: no word list, so no word_list counter.
 EXPECTED_REMOVED = {"too_short": 1, "low_japanese": 1, "low_hiragana": 1, "repetitive_ngram": 1,
-                    "duplicate_lines": 1, "sentence_length": 2, "word_list": 0,
-                    "exact_duplicate": 3, "near_duplicate": 2}
+                    "duplicate_lines": 1, "sentence_length": 2, "ads": 1, "bbs_comments": 1,
+                    "discrimination_content": 1, "exact_duplicate": 3, "near_duplicate": 2}
+EXPECTED_PII = {"documents_masked": 1, "phone_numbers": 1, "email_addresses": 1}
 
 
 def run_tool(raw: Path, out: Path, *extra: str) -> tuple[int, dict]:
@@ -189,15 +233,18 @@ def test_counts_every_reason(raw, tmp_path, capsys):
     assert code == 0
     assert report["bad_input"] == EXPECTED_BAD
     assert report["removed"] == EXPECTED_REMOVED
-    assert report["lines_read"] == 26
-    assert report["documents_in"] == 20
-    assert report["documents_out"] == len(KEPT) == 8
+    assert report["pii"] == EXPECTED_PII
+    assert report["lines_read"] == 30
+    assert report["documents_in"] == 24
+    assert report["documents_out"] == len(KEPT) == 9
     assert report["documents_in"] == report["documents_out"] + sum(report["removed"].values())
+    assert report["lsh"] == {"bands": 25, "rows_per_band": 5}
+    assert report["libraries"]["hojichar"].startswith("0.18")
     printed = capsys.readouterr().out
-    assert "near_duplicate" in printed and "documents out" in printed
+    assert "near_duplicate" in printed and "documents out" in printed and "phone numbers" in printed
 
     records = read_output(out)
-    assert [r["text"] for r in records] == [normalize_text(t) for t in KEPT]
+    assert [r["text"] for r in records] == [PII_MASKED if t is PII else normalize_text(t) for t in KEPT]
     # Other fields are carried over; NFKC folded the full-width digits.
     assert records[4]["id"] == "a18" and records[4]["url"] == "https://example.jp/a18"
     assert "8月20日" in records[4]["text"]
@@ -241,7 +288,8 @@ def test_word_list_from_config(raw, tmp_path):
     config.write_text("filters:\n  word_list_path: words.txt\n  max_word_list_hits: 2\n", encoding="utf-8")
     code, report = run_tool(raw, tmp_path / "clean", "--num_workers=1", f"--config={config}")
     assert code == 0
-    assert report["removed"]["word_list"] == 1
+    assert report["removed"] == {**EXPECTED_REMOVED, "word_list": 1}
+    assert list(report["removed"]).index("word_list") == list(report["removed"]).index("sentence_length") + 1
     assert report["documents_out"] == len(KEPT) - 1
     assert report["examples"]["word_list"][0]["source"] == f"{raw}/a.jsonl:19"
 
@@ -304,10 +352,12 @@ def test_beam_runner_removes_the_same_documents(raw, tmp_path):
     code, beam = run_tool(raw, tmp_path / "beam", "--runner=beam", "--shard_size=3")
     assert code == 0
     assert beam["removed"] == local["removed"] == EXPECTED_REMOVED
+    assert beam["pii"] == local["pii"] == EXPECTED_PII
     assert beam["bad_input"] == local["bad_input"]
     for key in ("lines_read", "documents_in", "documents_out", "chars_in", "chars_out", "bytes_in"):
         assert beam[key] == local[key], key
-    assert beam["examples"]["near_duplicate"] == local["examples"]["near_duplicate"]
+    for reason in ("near_duplicate", "ads", "bbs_comments", "discrimination_content", "pii_masked"):
+        assert beam["examples"][reason] == local["examples"][reason], reason
     beam_records = read_output(tmp_path / "beam")
     assert sorted(r["id"] for r in beam_records) == sorted(r["id"] for r in read_output(tmp_path / "local"))
     assert beam["shards"] == 3 and len(list((tmp_path / "beam").glob("shard-*-of-00003.jsonl.gz"))) == 3

@@ -4,8 +4,8 @@ Same per-line work as the local runner (``processing.LineProcessor``), then:
 
 * exact dedup: group documents by the hash of their normalised text and
   keep the smallest id (input order) of each group;
-* near dedup: emit each signature under its LSH band keys (the bands
-  datasketch picks for the threshold), group by band key, and inside each
+* near dedup: emit each signature under its LSH band keys (the same bands
+  as the local runner, ``dedup.lsh_bands``), group by band key, and inside each
   bucket keep documents greedily in id order, dropping a document whose
   estimated Jaccard similarity with an earlier *representative of that
   bucket* reaches the threshold.
@@ -40,8 +40,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from kinoe_jax.corpus.dedup import band_keys, estimated_jaccard, lsh_bands
 from kinoe_jax.corpus.io import (LineReader, OutputExistsError, StagedDirectory, close_gzip_writer,
                                  is_remote, make_doc_id, open_gzip_writer, shard_name, split_doc_id)
-from kinoe_jax.corpus.processing import BAD, DOC, LineProcessor, Settings
-from kinoe_jax.corpus.report import build_report, example
+from kinoe_jax.corpus.processing import BAD, DOC, LineProcessor, Settings, removal_reasons, run_facts
+from kinoe_jax.corpus.report import PII_EXAMPLES, build_report, example
 
 KEPT = "kept"
 STATS_FILE = "_stats.json"
@@ -49,11 +49,12 @@ STATS_FILE = "_stats.json"
 
 def _event(reason: str, doc_id: int, o, dup_of: Optional[int] = None) -> tuple:
     """What the report needs to know about one line."""
-    return reason, doc_id, o.example, dup_of, o.nbytes, o.nchars, o.kind != BAD
+    return (reason, doc_id, o.example, dup_of, o.nbytes, o.nchars, o.kind != BAD,
+            o.phones, o.emails, o.pii_example)
 
 
 def _metrics(event: tuple) -> Iterable[tuple[str, int]]:
-    reason, _, _, _, nbytes, nchars, is_document = event
+    reason, _, _, _, nbytes, nchars, is_document, phones, emails, _ = event
     yield "lines_read", 1
     yield "bytes_in", nbytes
     if is_document:
@@ -62,8 +63,19 @@ def _metrics(event: tuple) -> Iterable[tuple[str, int]]:
     if reason == KEPT:
         yield "documents_out", 1
         yield "chars_out", nchars
+        # Masks are counted in the documents written, as the local runner does.
+        if phones or emails:
+            yield "pii_documents_masked", 1
+            yield "pii_phone_numbers", phones
+            yield "pii_email_addresses", emails
     else:
         yield "reason:" + reason, 1
+
+
+def _pii_example(event: tuple) -> Iterable[tuple[str, tuple]]:
+    reason, doc_id, _, _, _, _, _, phones, emails, pii_example = event
+    if reason == KEPT and (phones or emails):
+        yield PII_EXAMPLES, (doc_id, pii_example, None)
 
 
 class _ReadLines(beam.DoFn):
@@ -234,6 +246,7 @@ def build_pipeline(p: beam.Pipeline, files: list[str], directory: str, settings:
     k = cfg.report.examples_per_reason
     examples = ((all_events | "Removed" >> beam.Filter(lambda e: e[0] != KEPT)
                  | "ExampleOf" >> beam.Map(lambda e: (e[0], (e[1], e[2], e[3]))),
+                 all_events | "PiiExamples" >> beam.FlatMap(_pii_example),
                  unreadable | "UnreadableExample" >> beam.Map(lambda e: (e[0], (e[1], e[2], e[3]))))
                 | "AllExamples" >> beam.Flatten()
                 | "FirstExamples" >> beam.combiners.Top.SmallestPerKey(k)
@@ -263,12 +276,13 @@ def _finish(directory: str, settings: Settings, files: list[str], target: str,
     stats = payload["stats"]
     totals = {k: v for k, v in stats.items() if not k.startswith("reason:")}
     reasons = {k[len("reason:"):]: v for k, v in stats.items() if k.startswith("reason:")}
+    cfg = settings.config
     report = build_report(
-        totals, reasons, payload["examples"],
+        totals, reasons, payload["examples"], removal_reasons(cfg), cfg.pii.mask,
         runner="beam", num_workers=None, inputs=files, output_dir=target,
         text_field=settings.text_field, shards=payload["shards"],
         elapsed_seconds=round(time.time() - started, 3), pipeline_args=pipeline_args,
-        config=settings.config.to_dict(),
+        **run_facts(cfg),
     )
     # Written last: on filesystems without directory renames its presence
     # marks a complete output.

@@ -39,6 +39,12 @@ class FilterConfig:
     max_mean_sentence_chars: Optional[float]
     word_list_path: Optional[str]
     max_word_list_hits: int
+    max_ad_keywords: Optional[int]
+    max_bbs_markers: Optional[int]
+    discrimination_content: bool
+    violence_content: bool
+    adult_content: bool
+    katakana_keyword_boundary: bool
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,14 @@ class DedupConfig:
     ngram_chars: int
     num_perm: int
     threshold: float
+    candidate_recall: float
+    rows_per_band: Optional[int]
     seed: int
+
+
+@dataclass(frozen=True)
+class PiiConfig:
+    mask: bool
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class ReportConfig:
 @dataclass(frozen=True)
 class CorpusConfig:
     normalize: NormalizeConfig
+    pii: PiiConfig
     filters: FilterConfig
     dedup: DedupConfig
     output: OutputConfig
@@ -81,6 +95,7 @@ class CorpusConfig:
 
 _SECTIONS = {
     "normalize": NormalizeConfig,
+    "pii": PiiConfig,
     "filters": FilterConfig,
     "dedup": DedupConfig,
     "output": OutputConfig,
@@ -128,12 +143,27 @@ def _check(cfg: CorpusConfig) -> None:
         value = getattr(f, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"filters.{name} must be in [0, 1], got {value}")
+    for section, obj, name in (("filters", f, "discrimination_content"), ("filters", f, "violence_content"),
+                               ("filters", f, "adult_content"), ("filters", f, "katakana_keyword_boundary"),
+                               ("pii", cfg.pii, "mask"), ("dedup", d, "exact"), ("dedup", d, "near")):
+        if not isinstance(getattr(obj, name), bool):
+            raise ConfigError(f"{section}.{name} must be true or false, got {getattr(obj, name)!r}")
+    for name in ("max_word_list_hits", "max_ad_keywords", "max_bbs_markers"):
+        value = getattr(f, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"filters.{name} must be a whole number >= 0 or null, got {value!r}")
     if f.top_ngram_chars < 1 or d.ngram_chars < 1:
         raise ConfigError("n-gram sizes must be at least 1")
     if not 0.0 < d.threshold <= 1.0:
         raise ConfigError(f"dedup.threshold must be in (0, 1], got {d.threshold}")
     if d.num_perm < 2:
         raise ConfigError("dedup.num_perm must be at least 2")
+    if not 0.0 < d.candidate_recall < 1.0:
+        raise ConfigError(f"dedup.candidate_recall must be in (0, 1), got {d.candidate_recall}")
+    if d.rows_per_band is not None and not 1 <= d.rows_per_band <= d.num_perm // 2:
+        # datasketch needs at least two bands.
+        raise ConfigError(f"dedup.rows_per_band must be in 1..{d.num_perm // 2} (num_perm / 2) or null, "
+                          f"got {d.rows_per_band}")
     if cfg.output.shard_size < 1:
         raise ConfigError("output.shard_size must be at least 1")
     if not 0 <= cfg.output.compresslevel <= 9:

@@ -67,10 +67,35 @@ def estimated_jaccard(a: bytes, b: bytes, seed: int) -> float:
     return to_minhash(a, seed).jaccard(to_minhash(b, seed))
 
 
+def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
+    """Chance that a pair with this Jaccard similarity shares at least one
+    band of ``rows`` signature values, i.e. becomes an LSH candidate."""
+    return 1.0 - (1.0 - jaccard ** rows) ** bands
+
+
+def lsh_params(cfg: DedupConfig) -> tuple[int, int]:
+    """(bands, rows per band): rows pinned in the config, or derived from the
+    threshold for recall (see ``dedup.candidate_recall`` in default_config.yaml).
+
+    Every candidate is verified against the threshold, so a false candidate
+    costs one signature comparison while a missed one leaves a duplicate in
+    the corpus. The largest row count that still finds a pair sitting exactly
+    at the threshold with the wanted probability keeps false candidates as
+    few as recall allows.
+    """
+    if cfg.rows_per_band is not None:
+        return cfg.num_perm // cfg.rows_per_band, cfg.rows_per_band
+    rows = 1
+    for r in range(1, cfg.num_perm // 2 + 1):
+        if candidate_probability(cfg.threshold, cfg.num_perm // r, r) >= cfg.candidate_recall:
+            rows = r
+    return cfg.num_perm // rows, rows
+
+
 def lsh_bands(cfg: DedupConfig) -> list[tuple[int, int]]:
-    """Signature slices that form the LSH bands, as datasketch chooses them
-    for the threshold (bands x rows minimising false positives+negatives)."""
-    return list(MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm).hashranges)
+    """Signature slices that form the LSH bands, in datasketch's layout."""
+    bands, rows = lsh_params(cfg)
+    return [(i * rows, (i + 1) * rows) for i in range(bands)]
 
 
 def band_keys(signature: bytes, bands: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
@@ -103,13 +128,16 @@ class NearDeduplicator:
     in a chain A~B~C with A and C dissimilar, A and C are kept.
 
     Memory: the datasketch index holds the band hashes of every kept
-    document, and the signature (num_perm * 4 bytes) is kept for verifying
-    candidates: a few KB per kept document in total.
+    document (one per band), and the signature (num_perm * 4 bytes) is kept
+    for verifying candidates: a few KB per kept document in total.
     """
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
-        self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        self._lsh = MinHashLSH(num_perm=cfg.num_perm, params=lsh_params(cfg))
+        # The Beam runner builds its band keys from lsh_bands; both must slice
+        # the signature the same way.
+        assert self._lsh.hashranges == lsh_bands(cfg)
         self._signatures: dict[Hashable, LeanMinHash] = {}
 
     def check(self, signature: bytes, doc_id: Hashable) -> Optional[Hashable]:

@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from kinoe_jax.corpus.dedup import ExactDeduplicator, NearDeduplicator
 from kinoe_jax.corpus.io import LineReader, ShardWriter, StagedDirectory, make_doc_id, split_doc_id
-from kinoe_jax.corpus.processing import BAD, REMOVED, LineProcessor, Outcome, Settings, init_worker, process_chunk
-from kinoe_jax.corpus.report import Tally, build_report, example
+from kinoe_jax.corpus.processing import (BAD, REMOVED, LineProcessor, Outcome, Settings, init_worker, process_chunk,
+                                         removal_reasons, run_facts)
+from kinoe_jax.corpus.report import PII_EXAMPLES, Tally, build_report, example
 
 # Large enough to amortise inter-process overhead, small enough that the
 # in-flight window (a few chunks per worker) stays at tens of MB.
@@ -123,11 +124,16 @@ def run_local(files: list[str], output_dir: str, settings: Settings, num_workers
                 writer.write(o.line)
                 totals["documents_out"] += 1
                 totals["chars_out"] += o.nchars
+                if o.phones or o.emails:
+                    totals["pii_documents_masked"] += 1
+                    totals["pii_phone_numbers"] += o.phones
+                    totals["pii_email_addresses"] += o.emails
+                    tally.show(PII_EXAMPLES, example(source(doc_id), o.pii_example))
             bar.set_postfix(kept=totals["documents_out"], refresh=False)
         shards = writer.close()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         report = build_report(
-            totals, tally.reasons, tally.examples,
+            totals, tally.reasons, tally.examples, removal_reasons(cfg), cfg.pii.mask,
             runner="local", num_workers=num_workers, inputs=files, output_dir=output_dir,
             text_field=settings.text_field, shards=len(shards),
             elapsed_seconds=round(time.time() - started, 3),
@@ -137,7 +143,7 @@ def run_local(files: list[str], output_dir: str, settings: Settings, num_workers
             # Close to elapsed_seconds with many workers means the single
             # dedup/writer process is the bottleneck.
             main_cpu_seconds=round(usage.ru_utime + usage.ru_stime, 3),
-            config=cfg.to_dict(),
+            **run_facts(cfg),
         )
         with open(staged.path / "report.json", "w", encoding="utf-8") as f:
             json.dump(report, f, ensure_ascii=False, indent=2)
