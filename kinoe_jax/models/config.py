@@ -11,6 +11,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
+ATTENTION_IMPLS = ("auto", "blocked", "splash", "cudnn")
 
 
 @gin.configurable
@@ -34,6 +35,12 @@ class ModelConfig:
     # Causal attention in query chunks of this many tokens, each against only the keys it can
     # see (skips the masked upper triangle: ~2.5x faster attention on CPU). 0 = one block.
     attention_chunk: int = 128
+    # Training attention kernel: auto (splash on TPU, cudnn on GPU, blocked on CPU) | blocked |
+    # splash | cudnn (kinoe_jax/models/attention/, docs/chips.md).
+    attention_impl: str = "auto"
+    # Splash attention's query and key/value tiles (capped at the sequence; multiples of 128).
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
     # Parameters stay fp32; activations and matmuls run in this dtype.
     dtype: str = "float32"
     remat_policy: str = "none"
@@ -77,6 +84,11 @@ class ModelConfig:
             problems.append(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts]")
         if self.num_experts and self.num_layers % self.moe_layer_period:
             problems.append(f"num_layers {self.num_layers} must be a multiple of moe_layer_period {self.moe_layer_period}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl {self.attention_impl!r} not one of {ATTENTION_IMPLS}")
+        for name in ("attention_block_q", "attention_block_kv"):
+            if getattr(self, name) < 128 or getattr(self, name) % 128:
+                problems.append(f"{name} {getattr(self, name)} must be a positive multiple of 128")
         if self.moe_impl not in MOE_IMPLS:
             problems.append(f"moe_impl {self.moe_impl!r} not one of {MOE_IMPLS}")
         if self.moe_capacity_factor < 0 or self.moe_block_size < 1:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kinoe_jax.models.attention import attend, attention_mask, causal_attention
+from kinoe_jax.models.attention import attend, attention_mask, causal_attention, training_attention
 from kinoe_jax.models.config import ModelConfig
 
 
@@ -95,7 +95,7 @@ class Attention(nn.Module):
             k, v, q_idx, k_idx, q_seg, k_seg = self._update_cache(k, v, segment_ids)
             out = attend(q, k, v, attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window))
         else:
-            out = causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_chunk)
+            out = training_attention(q, k, v, segment_ids, cfg)  # the kernel for the mesh's platform
         return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, name="o_proj")(out)
 
     def _update_cache(self, k, v, segment_ids):

@@ -1,4 +1,5 @@
-"""Attention arithmetic: the mask, plain attention (KV-cache decoding) and the training path.
+"""The blocked attention (attention_impl "blocked", the CPU's), plain attention for KV-cache
+decoding, and the mask both use.
 
 The training path (`causal_attention`) works in query blocks that only look at the keys they
 can reach (causality and the sliding window make the rest all-masked) and has its own VJP in
@@ -119,8 +120,11 @@ def causal_attention(q, k, v, segment_ids, sliding_window=None, chunk=128):
 
 
 # Names under which a remat policy can keep the residuals (decoder.REMAT does): recomputing
-# them would repeat the whole attention forward inside the backward pass.
-RESIDUAL_NAMES = ("attention_out", "attention_lse")
+# them would repeat the whole attention forward inside the backward pass. The chip kernels
+# name theirs KERNEL_RESIDUAL (the package exports all of them as RESIDUAL_NAMES).
+BLOCKED_RESIDUAL_NAMES = ("attention_out", "attention_lse")
+KERNEL_RESIDUAL = "attention_kernel_residual"
+RESIDUAL_NAMES = BLOCKED_RESIDUAL_NAMES + (KERNEL_RESIDUAL,)
 
 
 def _fwd(q, k, v, segment_ids, sliding_window, chunk):
