@@ -8,6 +8,9 @@ from typing import Optional
 import gin
 import jax.numpy as jnp
 
+from kinoe_jax.models import lora as lora_lib
+from kinoe_jax.models.lora import LoraConfig
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
@@ -62,8 +65,12 @@ class ModelConfig:
     # ragged | dense (every expert on every token: the reference).
     moe_impl: str = "auto"
     moe_block_size: int = 64  # rows per block of the "blocks" implementation
+    # Low-rank adapters on the projections (kinoe_jax/models/lora.py); None: no adapters.
+    lora: Optional[LoraConfig] = None
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):  # a checkpoint's model_config JSON holds it as a dict
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         problems = []
         if self.hidden_size % self.num_heads and self.head_dim is None:
             problems.append(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
@@ -94,6 +101,8 @@ class ModelConfig:
         if self.moe_capacity_factor < 0 or self.moe_block_size < 1:
             problems.append(f"moe_capacity_factor {self.moe_capacity_factor} must be >= 0 and "
                             f"moe_block_size {self.moe_block_size} >= 1")
+        if self.lora is not None:
+            problems += lora_lib.model_problems(self)
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 

@@ -24,19 +24,20 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     use_moe: bool = False
     decode: bool = False
+    lora_enabled: bool = True
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         cfg = self.cfg
         h = RMSNorm(cfg, name="attn_norm")(x)
-        x = x + Attention(cfg, decode=self.decode, name="attn")(h, positions, segment_ids)
+        x = x + Attention(cfg, decode=self.decode, lora_enabled=self.lora_enabled, name="attn")(h, positions, segment_ids)
         h = RMSNorm(cfg, name="mlp_norm")(x)
         if self.use_moe:
             from kinoe_jax.models.moe import MoeBlock  # noqa: PLC0415 (MoE is optional)
 
             out, aux = MoeBlock(cfg, name="moe")(h, segment_ids)
         else:
-            out, aux = MLP(cfg, name="mlp")(h), {}
+            out, aux = MLP(cfg, lora_enabled=self.lora_enabled, name="mlp")(h), {}
         x = nn.with_logical_constraint(x + out, ("batch", "activation_length", "activation_embed"))
         return x, aux
 
@@ -47,6 +48,7 @@ class LayerGroup(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    lora_enabled: bool = True
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -56,21 +58,25 @@ class LayerGroup(nn.Module):
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(DecoderLayer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         if period == 1:
-            return layer_cls(cfg, use_moe=cfg.is_moe_layer(0), decode=self.decode, name="layer")(
-                x, positions, segment_ids)
+            return layer_cls(cfg, use_moe=cfg.is_moe_layer(0), decode=self.decode, lora_enabled=self.lora_enabled,
+                             name="layer")(x, positions, segment_ids)
         aux = {}
         for j in range(period):
-            x, a = layer_cls(cfg, use_moe=cfg.is_moe_layer(j), decode=self.decode, name=f"sub_{j}")(
-                x, positions, segment_ids)
+            x, a = layer_cls(cfg, use_moe=cfg.is_moe_layer(j), decode=self.decode, lora_enabled=self.lora_enabled,
+                             name=f"sub_{j}")(x, positions, segment_ids)
             aux.update(a)
         return x, aux
 
 
 class Transformer(nn.Module):
-    """tokens [batch, length] -> (logits [batch, length, vocab] fp32, aux dict of per-layer stats)."""
+    """tokens [batch, length] -> (logits [batch, length, vocab] fp32, aux dict of per-layer stats).
+
+    lora_enabled=False computes the base model from the same params (adapters left unread).
+    """
 
     cfg: ModelConfig
     decode: bool = False
+    lora_enabled: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None):
@@ -90,16 +96,17 @@ class Transformer(nn.Module):
             stack = nn.scan(
                 LayerGroup,
                 variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},  # each layer its own LoRA dropout mask
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=n_groups,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, decode=self.decode, name="layers")
+            )(cfg, decode=self.decode, lora_enabled=self.lora_enabled, name="layers")
             x, aux = stack(x, positions, segment_ids)
         else:
             auxes = []
             for i in range(n_groups):
-                x, a = LayerGroup(cfg, decode=self.decode, name=f"layers_{i}")(x, positions, segment_ids)
+                x, a = LayerGroup(cfg, decode=self.decode, lora_enabled=self.lora_enabled, name=f"layers_{i}")(
+                    x, positions, segment_ids)
                 auxes.append(a)
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
 

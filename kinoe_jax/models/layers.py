@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kinoe_jax.models import lora as lora_lib
 from kinoe_jax.models.attention import attend, attention_mask, causal_attention, training_attention
 from kinoe_jax.models.config import ModelConfig
 
@@ -31,12 +32,17 @@ class Proj(nn.Module):
     transposes the whole activation gradient first (measured: the SwiGLU MLP's fwd+bwd took
     1.8x longer). Merging the leading dims is free under the sharding rules (batch is the
     major dim; length and the merged feature dims keep their order).
+
+    A projection whose module name is one of `cfg.lora.targets` also carries a LoRA adapter
+    (kinoe_jax/models/lora.py) unless `lora_enabled` is False: then the same params tree
+    computes the base model exactly (DPO's reference), the adapter leaves left unread.
     """
 
     features: tuple
     axes: tuple
     cfg: ModelConfig
     contract: int = 1
+    lora_enabled: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -45,8 +51,25 @@ class Proj(nn.Module):
         dtype = self.cfg.compute_dtype
         lead = x.shape[:-self.contract]
         n_in, n_out = math.prod(shape[:self.contract]), math.prod(self.features)
-        y = x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)
+        x2 = x.astype(dtype).reshape(-1, n_in)
+        y = x2 @ kernel.astype(dtype).reshape(n_in, n_out)
+        lora = self.cfg.lora
+        if self.lora_enabled and lora is not None and self.name in lora.targets:
+            y = y + self._adapter(x2, shape, lora)
         return y.reshape(*lead, *self.features)
+
+    def _adapter(self, x2, shape, lora):
+        c, rank = self.contract, lora.rank
+        n_in = x2.shape[-1]
+        a = self.param("lora_a", nn.with_logical_partitioning(lora_lib.a_init(n_in), self.axes[:c] + (lora_lib.RANK_AXIS,)),
+                       shape[:c] + (rank,), jnp.float32)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (lora_lib.RANK_AXIS,) + self.axes[c:]),
+                       (rank,) + shape[c:], jnp.float32)
+        # Dropout only in training (a "dropout" rng given): evaluation and generation stay exact.
+        if lora.dropout and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - lora.dropout, x2.shape)
+            x2 = jnp.where(keep, x2 / (1.0 - lora.dropout), 0).astype(x2.dtype)
+        return lora_lib.adapted(x2, a.reshape(n_in, rank), b.reshape(rank, -1), lora.scale, x2.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -80,14 +103,16 @@ def rotary(x, positions, rotary_dim: int, theta: float):
 class Attention(nn.Module):
     cfg: ModelConfig
     decode: bool = False
+    lora_enabled: bool = True
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         cfg = self.cfg
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
-        q = Proj((h, d), ("embed", "heads", "head_dim"), cfg, name="q_proj")(x)
-        k = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, name="k_proj")(x)
-        v = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, name="v_proj")(x)
+        on = self.lora_enabled
+        q = Proj((h, d), ("embed", "heads", "head_dim"), cfg, lora_enabled=on, name="q_proj")(x)
+        k = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, lora_enabled=on, name="k_proj")(x)
+        v = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, lora_enabled=on, name="v_proj")(x)
         q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
 
@@ -96,7 +121,8 @@ class Attention(nn.Module):
             out = attend(q, k, v, attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window))
         else:
             out = training_attention(q, k, v, segment_ids, cfg)  # the kernel for the mesh's platform
-        return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, name="o_proj")(out)
+        return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, lora_enabled=self.lora_enabled,
+                    name="o_proj")(out)
 
     def _update_cache(self, k, v, segment_ids):
         """Append this call's keys/values at cache_index (prefill: many tokens, decode: one)."""
@@ -120,11 +146,12 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     cfg: ModelConfig
+    lora_enabled: bool = True
 
     @nn.compact
     def __call__(self, x):
-        cfg = self.cfg
-        gate = Proj((cfg.intermediate_size,), ("embed", "mlp"), cfg, name="gate_proj")(x)
-        up = Proj((cfg.intermediate_size,), ("embed", "mlp"), cfg, name="up_proj")(x)
+        cfg, on = self.cfg, self.lora_enabled
+        gate = Proj((cfg.intermediate_size,), ("embed", "mlp"), cfg, lora_enabled=on, name="gate_proj")(x)
+        up = Proj((cfg.intermediate_size,), ("embed", "mlp"), cfg, lora_enabled=on, name="up_proj")(x)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "activation_length", "activation_mlp"))
-        return Proj((cfg.hidden_size,), ("mlp", "embed"), cfg, name="down_proj")(hidden)
+        return Proj((cfg.hidden_size,), ("mlp", "embed"), cfg, lora_enabled=on, name="down_proj")(hidden)

@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("mlp", "tensor"),
     ("exp", "expert"),
     ("layers", None),
+    ("lora_rank", None),  # LoRA ranks are small: the adapters split on the side they share with W
     ("norm", None),
 )
 
