@@ -181,7 +181,8 @@ def test_adapters_shard_through_the_rules_table():
     from kinoe_jax.parallel.sharding import param_specs, to_named
 
     mesh = make_mesh(data=1, fsdp=2, tensor=4)
-    boxed = jax.eval_shape(lambda: Transformer(LORA).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    init = Transformer(LORA).init
+    boxed = jax.eval_shape(lambda: init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     specs = param_specs(boxed, mesh)
     layer = specs["layers"]["layer"]
     assert layer["attn"]["q_proj"]["lora_a"] == P(None, "fsdp", None)          # [layers, embed, rank]

@@ -1,12 +1,17 @@
 r"""Export a kinoe_jax checkpoint as a Hugging Face model directory.
 
     python tools/convert_to_hf.py --checkpoint_dir=DIR/checkpoints [--step=N] --output_dir=OUT \
-        [--dtype=bfloat16|float32|float16] [--verify] [--overwrite]
+        [--dtype=bfloat16|float32|float16] [--verify] [--overwrite] [--lora=merge|base|adapter --base_model=M]
 
 Writes config.json (MistralForCausalLM, or MixtralForCausalLM for MoE models), sharded
 model-0000X-of-0000Y.safetensors with model.safetensors.index.json, generation_config.json and
 the tokenizer (SentencePiece model, tokenizer.json, tokenizer_config.json with the chat template).
 Tensors are streamed one at a time; OUT appears only when everything (and --verify) succeeded.
+
+A LoRA checkpoint is written with its adapters merged into the weights (--lora=merge, the default),
+as the frozen base alone (--lora=base), or as a PEFT adapter directory (--lora=adapter
+--base_model=NAME_OR_PATH: adapter_config.json, adapter_model.safetensors and the tokenizer) that
+`peft.PeftModel.from_pretrained(base, OUT)` and vLLM's --enable-lora load beside the base model.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB, 500MB")
     parser.add_argument("--read_budget", default="2GiB",
                         help="stacked layer arrays larger than this are read a few layers at a time")
+    parser.add_argument("--lora", default="merge", choices=("merge", "base", "adapter"),
+                        help="for a LoRA checkpoint: merged model (default), the frozen base, or a PEFT adapter")
+    parser.add_argument("--base_model", default=None,
+                        help="with --lora=adapter: the HF model (directory or hub name) the adapter is loaded onto")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -53,7 +62,7 @@ def main(argv=None) -> int:
         result = convert_to_hf(args.checkpoint_dir, args.output_dir, step=args.step, dtype=args.dtype,
                                overwrite=args.overwrite, verify=args.verify, tokenizer=args.tokenizer,
                                max_shard_bytes=_size(args.max_shard_size), read_budget=_size(args.read_budget),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, lora=args.lora, base_model=args.base_model)
     except ConversionError as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 1

@@ -106,9 +106,10 @@ class StoredTensor:
 
 
 class SafetensorsReader:
-    """The tensors of a HF directory (sharded with an index, or a single model.safetensors)."""
+    """The tensors of a HF directory (sharded with an index, or a single model.safetensors; a PEFT
+    adapter directory names its single file adapter_model.safetensors)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, single_file: str = SINGLE_FILE):
         index = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index):
             try:
@@ -116,11 +117,11 @@ class SafetensorsReader:
                     files = sorted(set(json.load(f)["weight_map"].values()))
             except (json.JSONDecodeError, KeyError) as e:
                 raise ConversionError(f"{index}: not a valid safetensors index ({e})") from e
-        elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-            files = [SINGLE_FILE]
+        elif os.path.exists(os.path.join(directory, single_file)):
+            files = [single_file]
         else:
             found = sorted(os.listdir(directory))
-            raise ConversionError(f"{directory}: no {INDEX_FILE} or {SINGLE_FILE} (found {found}); "
+            raise ConversionError(f"{directory}: no {INDEX_FILE} or {single_file} (found {found}); "
                                   "only safetensors weights are read (convert .bin files with transformers first)")
         self.tensors: dict[str, StoredTensor] = {}
         for name in files:

@@ -30,7 +30,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, positions, segment_ids):
         cfg = self.cfg
         h = RMSNorm(cfg, name="attn_norm")(x)
-        x = x + Attention(cfg, decode=self.decode, lora_enabled=self.lora_enabled, name="attn")(h, positions, segment_ids)
+        attn = Attention(cfg, decode=self.decode, lora_enabled=self.lora_enabled, name="attn")
+        x = x + attn(h, positions, segment_ids)
         h = RMSNorm(cfg, name="mlp_norm")(x)
         if self.use_moe:
             from kinoe_jax.models.moe import MoeBlock  # noqa: PLC0415 (MoE is optional)

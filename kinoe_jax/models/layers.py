@@ -59,11 +59,11 @@ class Proj(nn.Module):
         return y.reshape(*lead, *self.features)
 
     def _adapter(self, x2, shape, lora):
-        c, rank = self.contract, lora.rank
+        c, rank, r_axis = self.contract, lora.rank, lora_lib.RANK_AXIS
         n_in = x2.shape[-1]
-        a = self.param("lora_a", nn.with_logical_partitioning(lora_lib.a_init(n_in), self.axes[:c] + (lora_lib.RANK_AXIS,)),
+        a = self.param("lora_a", nn.with_logical_partitioning(lora_lib.a_init(n_in), self.axes[:c] + (r_axis,)),
                        shape[:c] + (rank,), jnp.float32)
-        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (lora_lib.RANK_AXIS,) + self.axes[c:]),
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (r_axis,) + self.axes[c:]),
                        (rank,) + shape[c:], jnp.float32)
         # Dropout only in training (a "dropout" rng given): evaluation and generation stay exact.
         if lora.dropout and self.has_rng("dropout"):
