@@ -117,8 +117,12 @@ class Attention(nn.Module):
         k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
 
         if self.decode:
-            k, v, q_idx, k_idx, q_seg, k_seg = self._update_cache(k, v, segment_ids)
-            out = attend(q, k, v, attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window))
+            # A prompt filling an empty cache attends only to itself, blocked as in training:
+            # masking it against the whole cache would hold [prompt, prompt + new tokens] logits.
+            prefill = not self.has_variable("cache", "cached_key")
+            ck, cv, q_idx, k_idx, q_seg, k_seg = self._update_cache(k, v, segment_ids)
+            out = (causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_chunk) if prefill
+                   else attend(q, ck, cv, attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window)))
         else:
             out = training_attention(q, k, v, segment_ids, cfg)  # the kernel for the mesh's platform
         return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, lora_enabled=self.lora_enabled,
