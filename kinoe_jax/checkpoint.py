@@ -4,6 +4,7 @@ Layout of DIR/checkpoints/<step>/:
   state/        params, opt_state, step, rng (sharded arrays; restore onto any mesh)
   data_iter/    process_<i>-of-<n>/  tf.data iterator state of each process
   model_config/ the ModelConfig as JSON (what the HF converter reads)
+  run_info/     the schedule the run was on (total steps, next learning rate, data phases)
 """
 
 from __future__ import annotations
@@ -63,20 +64,25 @@ class CheckpointConfig:
     save_every: int = 100
     keep: int = 3
     async_save: bool = True
+    # Also keep, beyond `keep`, every checkpoint whose step is a multiple of this (None: off):
+    # e.g. the last one before a WSD decay, to extend the run from it later.
+    keep_period: int | None = None
 
 
 def make_manager(directory: str, cfg: CheckpointConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=cfg.save_every, max_to_keep=cfg.keep,
+        save_interval_steps=cfg.save_every, max_to_keep=cfg.keep, keep_period=cfg.keep_period,
         enable_async_checkpointing=cfg.async_save, create=True,
         async_options=Faults().async_options(cfg.async_save))  # a test hook: None unless bound in gin
     return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
-                                 item_names=("state", "data_iter", "model_config"))
+                                 item_names=("state", "data_iter", "model_config", "run_info"))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter, model_config: dict,
-         force: bool = False) -> bool:
+         force: bool = False, run_info: dict | None = None) -> bool:
     items = {"state": ocp.args.StandardSave(state), "model_config": ocp.args.JsonSave(model_config)}
+    if run_info is not None:  # the schedule it ran under (kinoe_jax/schedule_check.py)
+        items["run_info"] = ocp.args.JsonSave(run_info)
     if data_iter is not None:
         items["data_iter"] = DataIteratorArgs(data_iter)
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -98,6 +104,14 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
                                          notify)
 
 
+def read_run_info(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The run_info a checkpoint recorded, or None (older checkpoints have none)."""
+    import json
+
+    path = epath.Path(manager.directory) / str(step) / "run_info" / "metadata"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_model_config(checkpoint_dir: str, step: int | None = None) -> tuple[int, dict]:
     """(step, ModelConfig fields) of a checkpoint directory, without touching the arrays."""
     path = epath.Path(checkpoint_dir)
@@ -116,3 +130,22 @@ def read_model_config(checkpoint_dir: str, step: int | None = None) -> tuple[int
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} missing: checkpoint {step} is incomplete or not from kinoe_jax")
     return step, json.loads(cfg_file.read_text())
+
+
+def check_tokenizer(checkpoint_dir: str) -> None:
+    """A run's workdir carries the tokenizer it trained with: starting from its checkpoints with
+    another tokenizer would silently scramble every token."""
+    import filecmp
+
+    from kinoe_jax.data.vocab import tokenizer_path
+
+    checkpoint_dir = os.path.abspath(checkpoint_dir).rstrip("/")
+    for candidate in (os.path.dirname(checkpoint_dir), checkpoint_dir):
+        tok = os.path.join(candidate, "tokenizer.model")
+        if os.path.exists(tok):
+            if not filecmp.cmp(tok, tokenizer_path(), shallow=False):
+                from kinoe_jax.config_io import ConfigError
+
+                raise ConfigError(f"{checkpoint_dir} was trained with {tok}, which differs from the tokenizer "
+                                  f"configured here ({tokenizer_path()}); bind tokenizer_path.path = '{tok}'")
+            return

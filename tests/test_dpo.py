@@ -14,6 +14,7 @@ from conftest import REPO
 from test_sft_runs import sft_runs
 
 from kinoe_jax import dpo as dpo_lib
+from kinoe_jax import train as train_lib
 from kinoe_jax.config_io import load_gin
 from kinoe_jax.data.vocab import BOS_ID, get_vocabulary
 from kinoe_jax.metrics import read_metrics
@@ -74,17 +75,26 @@ def test_step_batches_cover_each_epoch_once_and_are_reproducible():
     assert not np.array_equal(dpo_lib.step_indices(0, b, n, seed=4), stream[:4])
 
 
-def _run_dpo(workdir, reference, bindings=()):
-    gin.clear_config()
-    load_gin([os.path.join(REPO, "gin_configs/runs/dpo_tiny_ja.gin")], [
-        f"dpo.reference_checkpoint = '{reference}'",
-        "dpo.seq_len = 128",  # keeps about half of the built-in pairs
-        "dpo.total_steps = 12", "dpo.log_every = 1", "dpo.eval_every = 6",
+DPO_GIN = os.path.join(REPO, "gin_configs/runs/dpo_tiny_ja.gin")
+
+
+def dpo_bindings(reference):
+    """The tiny DPO run of these tests (also run as a subprocess by test_dpo_runs.py)."""
+    return [
+        f"load_params_from.checkpoint_dir = '{reference}'",
+        "DataConfig.seq_len = 128",  # keeps about half of the built-in pairs
+        "train.model_overrides = {'max_seq_len': 128}",  # the SFT model was made for 64 tokens
+        "train.total_steps = 12", "train.log_every = 1", "train.eval_every = 6",
         "CheckpointConfig.save_every = 6", "CheckpointConfig.async_save = False",
         "cosine_schedule.peak_lr = 2e-3", "cosine_schedule.warmup_steps = 2",
-        "MetricsWriter.use_wandb = False", "MetricsWriter.progress = False", *bindings])
+        "MetricsWriter.use_wandb = False", "MetricsWriter.progress = False"]
+
+
+def _run_dpo(workdir, reference, bindings=()):
+    gin.clear_config()
+    load_gin([DPO_GIN], dpo_bindings(reference) + list(bindings))
     try:
-        dpo_lib.dpo(str(workdir))
+        train_lib.train(str(workdir))
     finally:
         gin.clear_config()
     return read_metrics(str(workdir))
@@ -110,6 +120,6 @@ def test_tiny_dpo_run_raises_preference_accuracy_and_resumes(tmp_path):
     assert os.path.exists(tmp_path / "dpo" / "tokenizer.model") and os.path.exists(tmp_path / "dpo" / "config.gin")
 
     # Same command, more steps: it resumes from step 12 instead of starting over.
-    more = _run_dpo(tmp_path / "dpo", reference, ["dpo.total_steps = 14"])
+    more = _run_dpo(tmp_path / "dpo", reference, ["train.total_steps = 14"])
     assert [r["step"] for r in more if "loss" in r] == list(range(1, 15))
     assert [r["step"] for r in more if "eval_loss" in r] == [0, 6, 12, 14]

@@ -138,7 +138,7 @@ def test_import_is_what_train_py_restores(ckpt, tmp_path):
         assert manager.latest_step() == 0
         state = ckpt_lib.restore(manager, 0, abstract, iter(tf.data.Dataset.range(3)))
         manager.close()
-        seeded = train._restore_params_only(str(imported / "checkpoints"), None, abstract, shardings)
+        seeded = train.restore_base_params(str(imported / "checkpoints"), None, abstract["params"], mesh)
     assert int(state["step"]) == 0
     for restored in (state["params"], seeded):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, original)

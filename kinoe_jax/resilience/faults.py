@@ -38,14 +38,13 @@ class Faults:
         bad = (step + 1 >= self.nan_grad_at_step) & (step + 1 < self.nan_grad_at_step + self.nan_grad_count)
         return jax.tree.map(lambda g: jnp.where(bad, jnp.full_like(g, jnp.nan), g), grads)
 
-    def before_step(self, step: int, data_iter) -> None:
+    def before_step(self, step: int, train_data) -> None:
+        """`train_data`: the objective's TrainData (kinoe_jax/objectives/base.py)."""
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         if step == self.drop_batch_at_step:
-            from kinoe_jax.data import phases
-
             log.warning("fault injection: discarding one batch before step %d", step)
-            phases.next_batch(data_iter, step - 1)
+            train_data.next(step - 1)
         if step == self.hang_at_step:
             log.warning("fault injection: stalling %.0f s before step %d", self.hang_s, step)
             time.sleep(self.hang_s)

@@ -4,7 +4,7 @@
     with guard:                                   # SIGTERM handling; halts raise on leaving
         guard.start(step, wandb_run)              # "resumed after preemption" alert, watchdog
         for ...:
-            guard.before_step(done, data_iter)    # fault-injection hooks (off by default)
+            guard.before_step(done, train_data)    # fault-injection hooks (off by default)
             state, metrics = train_step(state, batch, guard.loss_ceiling())
             guard.after_step(done, metrics)       # skipped steps, spikes, watchdog heartbeat
             stop = guard.should_stop(done)        # preempted (all processes agree) or halted
@@ -111,8 +111,8 @@ class RunGuard:
         self.alerts.send(kind, title, text, level, self.last_step)
 
     # ------------------------------------------------------------------ the loop
-    def before_step(self, step: int, data_iter) -> None:
-        self.faults.before_step(step, data_iter)
+    def before_step(self, step: int, train_data) -> None:
+        self.faults.before_step(step, train_data)
 
     def loss_ceiling(self):
         return self.steps.loss_ceiling()

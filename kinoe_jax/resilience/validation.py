@@ -61,6 +61,8 @@ def validate_run(model_config, data, checkpointing, *, total_steps: int, log_eve
         p.append(f"CheckpointConfig.save_every = {checkpointing.save_every} must be >= 1")
     if checkpointing.keep is not None and checkpointing.keep < 1:
         p.append(f"CheckpointConfig.keep = {checkpointing.keep} must be >= 1 (or None to keep all)")
+    if getattr(checkpointing, "keep_period", None) is not None and checkpointing.keep_period < 1:
+        p.append(f"CheckpointConfig.keep_period = {checkpointing.keep_period} must be >= 1 (or None)")
     for name in find_secrets(config_str):
         p.append(f"{name} is bound in the gin config: {SECRET_HELP}")
     if p:
