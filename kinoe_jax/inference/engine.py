@@ -105,8 +105,9 @@ class Engine:
         stops[:len(stop_ids)] = stop_ids
         sampling = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
         results: list = [None] * len(prompts)
+        rows = layout.batch_rows(len(prompts), self.batch_size)
         for group in layout.groups([len(p) for p in prompts], self.batch_size):
-            outs = self._generate_batch([prompts[i] for i in group], group, max_new_tokens, stops, stop_ids,
+            outs = self._generate_batch([prompts[i] for i in group], group, rows, max_new_tokens, stops, stop_ids,
                                         stop_strings, sampling, seed)
             for i, c in zip(group, outs):
                 results[i] = dataclasses.replace(c, truncated=truncated[i])
@@ -121,18 +122,18 @@ class Engine:
         has_end = self.vocab.tokenizer.id_to_piece(end) == "<|end|>"
         return (EOS_ID, end) if has_end else (EOS_ID,)
 
-    def _generate_batch(self, prompts, request_ids, max_new, stops, stop_ids, stop_strings, sampling, seed):
-        rows = layout.batch_rows(len(prompts), self.batch_size)
+    def _generate_batch(self, prompts, request_ids, rows, max_new, stops, stop_ids, stop_strings, sampling, seed):
         bucket = layout.next_pow2(max(len(p) for p in prompts), self.min_bucket)
-        new_slots = layout.next_pow2(max_new, 8)
-        cache_len = bucket + new_slots
+        # The cache (and the buffer of new tokens) is a power of two too: the decode program
+        # depends on it alone, so datasets of different prompt and answer lengths share it.
+        cache_len = layout.next_pow2(bucket + max_new)
         b = layout.left_padded(prompts, request_ids, rows, bucket)
         batch = self._put(rows, b.tokens, b.positions, b.segments)
         per_row = self._put(rows, b.lengths, b.row_ids, b.valid)
         scalars = self._replicated(np.int32(seed), sampling, stops)
         args = (self.params, *batch, *per_row, *scalars)
-        prefill = self._program(("prefill", rows, bucket, new_slots),
-                                lambda: jax.jit(programs.make_prefill(self.cfg, cache_len, new_slots),
+        prefill = self._program(("prefill", rows, bucket, cache_len),
+                                lambda: jax.jit(programs.make_prefill(self.cfg, cache_len),
                                                 out_shardings=self._state_shardings()), args)
         state = prefill(*args)
         n = 1
@@ -151,7 +152,7 @@ class Engine:
                 break
             limit = min(max_new, n + self.decode_chunk) if stop_strings else max_new
             dargs = (self.params, state, per_row[1], per_row[2], *scalars, self._replicated(np.int32(limit))[0])
-            decode = self._program(("decode", rows, cache_len, new_slots),
+            decode = self._program(("decode", rows, cache_len),
                                    lambda: jax.jit(programs.make_decode(self.cfg, cache_len), donate_argnums=(1,),
                                                    out_shardings=jax.tree.map(lambda x: x.sharding, state)), dargs)
             state = decode(*dargs)

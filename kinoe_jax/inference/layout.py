@@ -13,8 +13,9 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 
 def batch_rows(n: int, batch_size: int) -> int:
-    """Rows of a batch holding n requests: a power of two up to batch_size, so a lone prompt
-    (the training sample) does not pay for a full batch and the row counts stay few."""
+    """Rows of every batch of a request of n items: batch_size when it takes several batches
+    (a last, partly filled batch reuses the full batch's programs), else a power of two, so a
+    lone prompt (the training sample) does not pay for a full batch."""
     return min(next_pow2(n), batch_size)
 
 

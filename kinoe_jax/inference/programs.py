@@ -37,14 +37,15 @@ def decode_config(cfg, cache_len: int):
     return dataclasses.replace(cfg, max_seq_len=cache_len, remat_policy="none")
 
 
-def make_prefill(cfg, cache_len: int, new_slots: int):
-    """(params, batch arrays, sampling) -> decode state after the first new token."""
+def make_prefill(cfg, cache_len: int):
+    """(params, batch arrays, sampling) -> decode state after the first new token (the buffer of
+    new tokens is cache_len wide, so the decode program depends on cache_len alone)."""
     model = Transformer(decode_config(cfg, cache_len), decode=True)
 
     def prefill(params, tokens, positions, segments, lengths, row_ids, valid, seed, sampling, stop_ids):
         (logits, _), variables = model.apply({"params": params}, tokens, positions, segments, mutable=["cache"])
         token = _pick(logits[:, -1], seed, row_ids, 0, sampling)
-        out = jnp.zeros((tokens.shape[0], new_slots), jnp.int32).at[:, 0].set(token)
+        out = jnp.zeros((tokens.shape[0], cache_len), jnp.int32).at[:, 0].set(token)
         return {"cache": variables["cache"], "token": token, "pos": lengths, "out": out,
                 "done": (valid == 0) | _is_stop(token, stop_ids), "n": jnp.int32(1)}
 

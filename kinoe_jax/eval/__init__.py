@@ -1,0 +1,2 @@
+"""Evaluation: llm-jp-eval's dump formats and metrics, the built-in evaluation set, and the
+downstream scores the training loop logs."""
