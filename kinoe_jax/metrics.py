@@ -138,18 +138,21 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_loss(workdir: str) -> str | None:
-    """DIR/loss.png: training loss (and validation loss) against step."""
+    """DIR/loss.png: training loss (and validation loss) against step; beside it, when the run
+    logged any, the downstream scores (downstream/<dataset>/<metric>, their average in bold)."""
     rows = read_metrics(workdir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:
         return None
+    downstream = sorted({k for r in rows for k in r if k.startswith("downstream/")})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if downstream else 1, figsize=(14 if downstream else 7, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss")
@@ -158,6 +161,18 @@ def plot_loss(workdir: str) -> str | None:
     ax.set_title(os.path.basename(os.path.abspath(workdir)))
     ax.grid(alpha=0.3)
     ax.legend()
+    if downstream:
+        right = axes[0][1]
+        for key in downstream:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            average = key == "downstream/average"
+            right.plot(*zip(*points), "o-", lw=2.5 if average else 1, ms=4 if average else 2, alpha=1 if average else 0.6,
+                       label=key.removeprefix("downstream/"), color="black" if average else None)
+        right.set_xlabel("step")
+        right.set_ylabel("score")
+        right.set_title("downstream evaluation")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out = os.path.join(workdir, "loss.png")
     tmp = out + ".tmp.png"
     fig.savefig(tmp, dpi=120, bbox_inches="tight")

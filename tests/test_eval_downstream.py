@@ -62,3 +62,23 @@ def test_choices_are_picked_by_their_log_likelihood(params):
 def test_unknown_dataset_is_named():
     with pytest.raises(dumps.DumpError, match="no_such_set: neither a built-in dataset"):
         dumps.resolve(["no_such_set"])
+
+
+def test_loss_plot_shows_downstream_scores_beside_the_loss(tmp_path):
+    import json
+
+    import matplotlib.image
+
+    from kinoe_jax.metrics import plot_loss
+
+    widths = {}
+    for name, every in (("plain", 0), ("with_downstream", 5)):
+        work = tmp_path / name
+        work.mkdir()
+        rows = [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 11)]
+        for r in rows:
+            if every and r["step"] % every == 0:
+                r.update({"downstream/kinoe_nli/choice_accuracy": r["step"] / 20, "downstream/average": r["step"] / 30})
+        (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        widths[name] = matplotlib.image.imread(plot_loss(str(work))).shape[1]
+    assert widths["with_downstream"] > 1.8 * widths["plain"]

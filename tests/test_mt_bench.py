@@ -59,9 +59,9 @@ class _Recording:
     def __init__(self, chat):
         self.chat, self.calls = chat, []
 
-    def reply(self, messages, *args):
-        self.calls.append([dict(m) for m in messages])
-        return self.chat.reply(messages, *args)
+    def replies(self, conversations, *args):
+        self.calls += [[dict(m) for m in messages] for messages in conversations]
+        return self.chat.replies(conversations, *args)
 
 
 @pytest.mark.slow
@@ -107,3 +107,27 @@ def test_answers_from_a_checkpoint_and_from_its_hf_export(tmp_path):
     assert hf.chat.prompt_ids(kinoe.calls[1]) == prompt_ids(kinoe.calls[1], get_vocabulary())
     assert [r["choices"] for r in from_hf] == [r["choices"] for r in from_kinoe]
     assert hf.calls == kinoe.calls
+
+
+def test_turns_are_answered_in_batches_as_one_at_a_time(tmp_path):
+    """Turn 1 of every question goes in one batch, then every turn 2; each answer is what the
+    question gets when asked alone."""
+    import shutil
+
+    from kinoe_jax.data.vocab import BUILTIN_TOKENIZER
+    from kinoe_jax.hf.synthetic import write_random_checkpoint
+    from kinoe_jax.models import ModelConfig
+
+    cfg = ModelConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_seq_len=160)
+    write_random_checkpoint(str(tmp_path / "checkpoints"), cfg, step=1, scale=0.3)
+    shutil.copyfile(BUILTIN_TOKENIZER, tmp_path / "tokenizer.model")
+    questions = mt_bench.load_questions(QUESTIONS)[:3]
+    chat = _Recording(mt_bench.KinoeChat(str(tmp_path)))
+    batched = mt_bench.answer(questions, chat, "k", max_new_tokens=4, temperature=0.0, progress=False)
+    assert [len(c) for c in chat.calls] == [1, 1, 1, 3, 3, 3]
+    assert [c[0]["content"] for c in chat.calls] == [q["turns"][0] for q in questions] * 2
+    alone = [mt_bench.answer([q], chat.chat, "k", max_new_tokens=4, temperature=0.0, progress=False)[0]
+             for q in questions]
+    assert [r["choices"] for r in batched] == [r["choices"] for r in alone]
+    assert all(len(r["choices"][0]["turns"]) == 2 for r in batched)

@@ -12,7 +12,8 @@ Reads a FastChat question file (default: the built-in 20 Japanese questions) and
   model_answer/<model_id>.jsonl        the answers, both turns in one conversation
   reference_answer/<judge_model>.jsonl the questions' "reference" answers, for the judge
 Sampling follows FastChat: temperature 0.7 for writing/roleplay, 0.1 for stem/humanities, greedy
-for the rest (--temperature overrides it). Then, in FastChat/fastchat/llm_judge:
+for the rest (--temperature overrides it). A kinoe checkpoint answers turn 1 of every question in
+batches, then turn 2. Then, in FastChat/fastchat/llm_judge:
     python gen_judgment.py --bench-name kinoe_ja_mt_bench --model-list <model_id> --judge-model gpt-4
 """
 
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", help="with --hf_dir: torch dtype to run in")
     parser.add_argument("--first_n", type=int, default=None, help="answer only the first N questions")
+    parser.add_argument("--batch_size", type=int, default=16, help="with --workdir/--checkpoint: questions per batch")
     args = parser.parse_args(argv)
 
     from kinoe_jax.sft import mt_bench
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
         print(f"warning: questions {missing} have no reference; FastChat's judge needs one for their "
               f"categories (add a \"reference\" to them)", file=sys.stderr)
 
-    chat = mt_bench.HFChat(args.hf_dir, args.dtype) if args.hf_dir else mt_bench.KinoeChat(source, args.step)
+    chat = (mt_bench.HFChat(args.hf_dir, args.dtype) if args.hf_dir
+            else mt_bench.KinoeChat(source, args.step, batch_size=args.batch_size))
     rows = mt_bench.answer(questions, chat, args.model_id, args.max_new_tokens, args.temperature, args.seed)
     out = bench / "model_answer" / f"{args.model_id}.jsonl"
     mt_bench.write_jsonl(str(out), rows)

@@ -52,18 +52,20 @@ def load_questions(path: str) -> list[dict]:
 
 
 class KinoeChat:
-    """Replies from a kinoe checkpoint with kinoe_jax.generate (KV cache, stops at <|end|>)."""
+    """Replies from a kinoe checkpoint through the batched engine (stops at <|end|>)."""
 
-    def __init__(self, path: str, step: int | None = None):
-        from kinoe_jax import generate
+    def __init__(self, path: str, step: int | None = None, batch_size: int = 16):
+        from kinoe_jax.inference import Engine, load_for_inference, use_workdir_tokenizer
 
-        generate._use_workdir_tokenizer(os.path.abspath(path))
-        self.cfg, self.params = generate.load_for_inference(path, step)
+        use_workdir_tokenizer(path)
+        self.cfg, self.params = load_for_inference(path, step)
+        self.engine = Engine(self.cfg, self.params, batch_size=batch_size)
 
-    def reply(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
-        from kinoe_jax.generate import generate_chat
+    def replies(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        from kinoe_jax.generate import generate_chats
 
-        return generate_chat(self.cfg, self.params, messages, max_new_tokens, temperature=temperature, seed=seed)
+        return generate_chats(self.cfg, self.params, conversations, max_new_tokens, engine=self.engine,
+                              temperature=temperature, seed=seed)
 
 
 class HFChat:
@@ -85,6 +87,9 @@ class HFChat:
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids)
 
+    def replies(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        return [self.reply(m, max_new_tokens, temperature, seed) for m in conversations]
+
     def reply(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
         torch = self.torch
         ids = self.prompt_ids(messages)
@@ -105,23 +110,27 @@ class HFChat:
 
 def answer(questions: list[dict], chat, model_id: str, max_new_tokens: int = 512,
            temperature: float | None = None, seed: int = 0, progress: bool = True) -> list[dict]:
-    """One FastChat model_answer row per question (temperature None: FastChat's per category)."""
-    rows = []
+    """One FastChat model_answer row per question (temperature None: FastChat's per category).
+
+    Turn 1 of every question is answered in batches (one per temperature), then turn 2, each
+    second question asked after the model's own first answer."""
+    temps = [TEMPERATURE.get(q["category"], 0.7) if temperature is None else temperature for q in questions]
+    groups = [[i for i, t in enumerate(temps) if t == temp] for temp in sorted(set(temps))]
+    conversations: list[list[dict]] = [[] for _ in questions]
+    steps = [(turn, group) for turn in range(2) for group in groups]
     if progress:
         from tqdm import tqdm
 
-        questions = tqdm(questions, desc="MT-Bench", unit="question")
-    for q in questions:
-        temp = TEMPERATURE.get(q["category"], 0.7) if temperature is None else temperature
-        messages, turns = [], []
-        for question in q["turns"]:
-            messages.append({"role": "user", "content": question})
-            reply = chat.reply(messages, max_new_tokens, temp, seed).strip()
-            messages.append({"role": "assistant", "content": reply})
-            turns.append(reply)
-        rows.append({"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                     "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()})
-    return rows
+        steps = tqdm(steps, desc="MT-Bench", unit="batch")
+    for turn, group in steps:
+        for i in group:
+            conversations[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+        replies = chat.replies([conversations[i] for i in group], max_new_tokens, temps[group[0]], seed)
+        for i, reply in zip(group, replies):
+            conversations[i].append({"role": "assistant", "content": reply.strip()})
+    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+             "choices": [{"index": 0, "turns": [m["content"] for m in conv if m["role"] == "assistant"]}],
+             "tstamp": time.time()} for q, conv in zip(questions, conversations)]
 
 
 def references(questions: list[dict], judge_model: str) -> tuple[list[dict], list[int]]:
