@@ -145,7 +145,7 @@ def test_beam_runner_removes_the_same_copies(sweep, default_run):
 
 def test_bands_are_derived_from_the_threshold():
     cfg = load_config().dedup
-    assert lsh_params(cfg) == (25, 5)
+    assert lsh_params(cfg) == (18, 7)
     for threshold in (0.6, 0.7, 0.75, 0.8, 0.9):
         c = dataclasses.replace(cfg, threshold=threshold)
         bands, rows = lsh_params(c)

@@ -238,7 +238,7 @@ def test_counts_every_reason(raw, tmp_path, capsys):
     assert report["documents_in"] == 24
     assert report["documents_out"] == len(KEPT) == 9
     assert report["documents_in"] == report["documents_out"] + sum(report["removed"].values())
-    assert report["lsh"] == {"bands": 25, "rows_per_band": 5}
+    assert report["lsh"] == {"bands": 18, "rows_per_band": 7}
     assert report["libraries"]["hojichar"].startswith("0.18")
     printed = capsys.readouterr().out
     assert "near_duplicate" in printed and "documents out" in printed and "phone numbers" in printed

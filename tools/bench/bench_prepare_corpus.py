@@ -1,13 +1,26 @@
-"""Throughput of tools/prepare_corpus.py, one process against all cores.
+"""Throughput of tools/prepare_corpus.py: settings side by side, one process
+against all cores, and the CPU cost of each filter.
 
     python tools/bench/bench_prepare_corpus.py [--size_mb=110] [--workers=N] [--rounds=R]
+        [--baseline_tool=OTHER_CHECKOUT/tools/prepare_corpus.py] [--cost_docs=3000]
 
 Generates a synthetic Japanese-like corpus in a temporary directory: documents
 assembled from template sentences with random slot fillers (so they are
 distinct, as real documents are), plus exact duplicates, near-duplicates
-(a few characters changed), repetitive spam and short or English pages. It
-then runs the tool with --num_workers=1 and with N workers, checks that both
-outputs are identical, and prints documents/s, MB/s and the speedup.
+(a few characters changed), repetitive spam, short or English pages and
+pages with contact details. It then runs the tool on it with:
+
+* the defaults, with 1 and with N workers (the outputs must be identical);
+* the settings before near-dedup recall and hojichar's filters came in
+  (threshold 0.8, datasketch's 9 x 13 bands, no hojichar content filters,
+  no masking), 1 worker;
+* the defaults plus hojichar's filters that are off by default (violence,
+  adult), 1 worker;
+* optionally another checkout's tool with its own defaults, 1 worker.
+
+Each variant runs --rounds times, alternating, and the fastest run is shown.
+Last, every filter, the masking and the MinHash signature are timed alone
+on --cost_docs documents in this process, as CPU time per document.
 """
 
 from __future__ import annotations
@@ -27,6 +40,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "prepare_corpus.py"
+sys.path.insert(0, str(REPO))
+
+# Config overrides of each variant (merged over default_config.yaml).
+BEFORE = """
+pii: {mask: false}
+filters: {max_ad_keywords: null, max_bbs_markers: null, discrimination_content: false}
+dedup: {threshold: 0.8, rows_per_band: 13}
+"""
+ALL_HOJICHAR = """
+filters: {violence_content: true, adult_content: true}
+"""
 
 TEMPLATES = [
     "{time}、{person}は{place}で{thing}を{verb}。",
@@ -61,6 +85,10 @@ SLOTS = {
     "event": ["朝市", "写真展", "清掃活動", "音楽会", "勉強会", "収穫祭", "お祭り", "講演会"],
 }
 SPAM_PHRASES = ["今だけ半額！", "激安セール中！", "送料無料です！", "お得なクーポン！"]
+CONTACT = "詳しくは{office}（電話 {phone}、メール info{n}@example.jp）までお問い合わせください。"
+# Japanese number layouts: area code, exchange and line of 10 digits, or a mobile number.
+PHONES = ["03-{4}-{4}", "045-{3}-{4}", "0166-{2}-{4}", "090-{4}-{4}"]
+OFFICES = ["事務局", "観光案内所", "市役所の担当課", "実行委員会", "店舗の窓口"]
 ENGLISH = ("This page is available in English only. Please check the schedule before you visit, "
            "and contact the office if you have any questions about the event. ")
 
@@ -90,7 +118,7 @@ def generate(directory: Path, size_mb: float, files: int = 8, seed: int = 0) -> 
     target = size_mb * 1e6
     written = 0
     recent: list[str] = []
-    kinds = {"plain": 0, "exact_copy": 0, "near_copy": 0, "spam": 0, "short_or_english": 0}
+    kinds = {"plain": 0, "exact_copy": 0, "near_copy": 0, "spam": 0, "short_or_english": 0, "contact": 0}
     outs = [open(directory / f"part-{i:02d}.jsonl", "w", encoding="utf-8") for i in range(files)]
     n = 0
     while written < target:
@@ -103,6 +131,11 @@ def generate(directory: Path, size_mb: float, files: int = 8, seed: int = 0) -> 
             kind, text = "spam", rng.choice(SPAM_PHRASES) * rng.randint(30, 80)
         elif roll < 0.15:
             kind, text = "short_or_english", rng.choice([sentence(rng), ENGLISH * 4])
+        elif roll < 0.17:
+            phone = "-".join(part if not part.startswith("{") else
+                             "".join(rng.choices("0123456789", k=int(part[1]))) for part in rng.choice(PHONES).split("-"))
+            contact = CONTACT.format(office=rng.choice(OFFICES), phone=phone, n=rng.randint(1, 999))
+            kind, text = "contact", document(rng) + "\n" + contact
         else:
             kind, text = "plain", document(rng)
             recent.append(text)
@@ -118,12 +151,20 @@ def generate(directory: Path, size_mb: float, files: int = 8, seed: int = 0) -> 
     return {"documents": n, "bytes": written, "kinds": kinds}
 
 
-def run_tool(inputs: str, out: Path, workers: int) -> dict:
+def run_tool(tool: Path, inputs: str, out: Path, workers: int, config: str = "") -> dict:
     # Other processes on the machine distort the speedup; show how busy it was.
-    print(f"running with {workers} worker(s); load average before: {os.getloadavg()[0]:.2f}")
+    print(f"running {tool} with {workers} worker(s); load average before: {os.getloadavg()[0]:.2f}")
+    args = [sys.executable, str(tool), f"--input={inputs}", f"--output_dir={out}",
+            f"--num_workers={workers}", "--no_progress"]
+    if config:
+        path = out.parent / f"{out.name}.yaml"
+        path.write_text(config, encoding="utf-8")
+        args.append(f"--config={path}")
+    # The tool's own checkout first, so that a baseline checkout runs its own
+    # package and not the installed one.
+    env = {**os.environ, "PYTHONPATH": str(tool.resolve().parents[1])}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, str(TOOL), f"--input={inputs}", f"--output_dir={out}",
-                    f"--num_workers={workers}", "--no_progress"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     # CPU time of the tool and its workers: unlike wall time, barely affected
@@ -139,11 +180,105 @@ def output_digest(out: Path) -> str:
     return h.hexdigest()
 
 
+def filter_costs(files: list[Path], count: int, pipeline_us: float) -> None:
+    """CPU time per document of each step alone, on the first ``count``
+    documents that pass the default filters (what the content filters and
+    the signature see in a real run)."""
+    import dataclasses
+
+    from kinoe_jax.corpus.config import load_config
+    from kinoe_jax.corpus.dedup import Signer
+    from kinoe_jax.corpus.filters import QualityFilter, normalize_text, strip_whitespace
+    from kinoe_jax.corpus.hojichar_filters import HOJICHAR_VERSION, PiiMasker
+
+    cfg = load_config()
+    every = dataclasses.replace(cfg.filters, violence_content=True, adult_content=True)
+    loose = dataclasses.replace(every, katakana_keyword_boundary=False)
+    default_filter = QualityFilter(cfg.filters)
+    texts = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                text = normalize_text(json.loads(line)["text"])
+                if default_filter.reason(text) is None:
+                    texts.append(text)
+                if len(texts) >= count:
+                    break
+        if len(texts) >= count:
+            break
+    pairs = [(t, strip_whitespace(t)) for t in texts]
+    chars = sum(len(t) for t in texts)
+
+    def timed(fn) -> float:
+        start = time.process_time()
+        for text, stripped in pairs:
+            fn(text, stripped)
+        return (time.process_time() - start) / len(pairs) * 1e6
+
+    rows = []
+    masker = PiiMasker()
+    signer = Signer(cfg.dedup)
+    rows.append(("pii masking (MaskPersonalInformation)", timed(lambda t, c: masker.mask(t))))
+    for reason, check in QualityFilter(every).checks:
+        rows.append((reason, timed(check)))
+    for reason, check in QualityFilter(loose).checks:
+        if reason.endswith("_content"):
+            rows.append((f"{reason}, no katakana boundary", timed(check)))
+    rows.append(("MinHash signature", timed(lambda t, c: signer.signature(t))))
+    print(f"\nCPU time of each step alone, {len(texts):,} documents that pass the default filters "
+          f"({chars / len(texts):,.0f} characters on average), hojichar {HOJICHAR_VERSION}; "
+          f"the whole default pipeline took {pipeline_us:,.0f} us per document in the 1-worker run:")
+    print("\n| step | us per document | M characters/s per core | vs. whole default pipeline |")
+    print("|---|---:|---:|---:|")
+    for name, us in rows:
+        print(f"| {name} | {us:,.0f} | {chars / len(texts) / us:.2f} | {us / pipeline_us:.0%} |")
+
+
+def clean_text_drops() -> None:
+    """How many documents of this project's own clean Japanese text (the
+    built-in corpus and the listening conversations) each keyword filter of
+    hojichar drops: every drop there is a false positive."""
+    import collections
+    import dataclasses
+
+    from kinoe_jax.corpus.config import load_config
+    from kinoe_jax.corpus.filters import normalize_text
+    from kinoe_jax.corpus.hojichar_filters import content_filters, rejects
+
+    builtin = REPO / "kinoe_jax" / "data" / "builtin"
+    texts = []
+    for path in sorted(builtin.glob("corpus/*/*.jsonl")):
+        texts += [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    for path in sorted(builtin.glob("sft/listening_*.jsonl")):
+        texts += ["\n".join(m["content"] for m in json.loads(line)["messages"])
+                  for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [normalize_text(t) for t in texts]
+    print(f"\nDocuments of the built-in clean text ({len(texts)} documents, "
+          f"{sum(map(len, texts)):,} characters) dropped by each content filter on its own:")
+    print("\n| filter | katakana boundary | dropped | matched words |")
+    print("|---|---|---:|---|")
+    cfg = load_config().filters
+    for boundary in (True, False):
+        every = dataclasses.replace(cfg, violence_content=True, adult_content=True,
+                                    katakana_keyword_boundary=boundary)
+        for reason, f in content_filters(every):
+            if not boundary and not reason.endswith("_content"):
+                continue  # the boundary only applies to the three keyword lists
+            words: collections.Counter = collections.Counter()
+            for text in texts:
+                if rejects(f, text):
+                    words[getattr(f, "matched_text", "(counted)")] += 1
+            shown = ", ".join(f"{w} {n}" for w, n in words.most_common(6))
+            print(f"| {reason} | {'yes' if boundary else 'no'} | {sum(words.values())} | {shown} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size_mb", type=float, default=110.0)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--rounds", type=int, default=1, help="runs per worker count; the fastest is shown")
+    p.add_argument("--rounds", type=int, default=1, help="runs per variant; the fastest is shown")
+    p.add_argument("--baseline_tool", type=Path, help="another checkout's tools/prepare_corpus.py to time too")
+    p.add_argument("--cost_docs", type=int, default=3000, help="documents for the per-step cost table (0: skip)")
     p.add_argument("--tmp_dir", default=None, help="where to generate the corpus (default: system temp)")
     args = p.parse_args()
 
@@ -154,32 +289,45 @@ def main() -> None:
         corpus = generate(root / "raw", args.size_mb)
         print(f"generated {corpus['documents']:,} documents, {corpus['bytes'] / 1e6:.1f} MB "
               f"in {time.time() - t:.1f} s: {corpus['kinds']}")
+        variants = [("defaults", TOOL, 1, ""), ("defaults", TOOL, args.workers, ""),
+                    ("before (0.8, 9x13 bands, no hojichar, no masking)", TOOL, 1, BEFORE),
+                    ("defaults + violence + adult", TOOL, 1, ALL_HOJICHAR)]
+        if args.baseline_tool:
+            variants.append((f"baseline {args.baseline_tool}", args.baseline_tool.resolve(), 1, ""))
         best: dict[int, dict] = {}
-        digests = set()
+        default_digests = set()
         # Alternating rounds and keeping the fastest of each damps the effect
         # of other jobs on a shared machine.
         for _ in range(args.rounds):
-            for workers in (1, args.workers):
-                out = root / f"out-{workers}"
+            for i, (name, tool, workers, config) in enumerate(variants):
+                out = root / f"out-{i}"
                 shutil.rmtree(out, ignore_errors=True)
-                report = run_tool(str(root / "raw" / "*.jsonl"), out, workers)
-                digests.add(output_digest(out))
-                if workers not in best or report["elapsed_seconds"] < best[workers]["elapsed_seconds"]:
-                    best[workers] = report
-        rows = sorted(best.items())
-        base = rows[0][1]["elapsed_seconds"]
-        print("\n| workers | seconds | documents/s | MB/s | speedup | CPU s, all processes "
-              "| CPU s, main process | peak RSS, main process |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for workers, r in rows:
+                report = run_tool(tool, str(root / "raw" / "*.jsonl"), out, workers, config)
+                if name == "defaults":
+                    default_digests.add(output_digest(out))
+                if i not in best or report["elapsed_seconds"] < best[i]["elapsed_seconds"]:
+                    best[i] = report
+        base = best[0]
+        print("\n| settings | workers | seconds | documents/s | MB/s | CPU s, all processes | MB/s per CPU-second "
+              "| CPU s, main process | peak RSS, main process | near dups removed | documents out |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for i, (name, _, workers, _) in enumerate(variants):
+            r = best[i]
             s = r["elapsed_seconds"]
-            print(f"| {workers} | {s:.1f} | {r['lines_read'] / s:,.0f} | {r['bytes_in'] / s / 1e6:.2f} "
-                  f"| {base / s:.2f}x | {r['cpu_seconds']:.1f} | {r['main_cpu_seconds']:.1f} "
-                  f"| {r['peak_rss_mb']:.0f} MB |")
-        r = rows[0][1]
-        print(f"\ndocuments in {r['documents_in']:,}, out {r['documents_out']:,}; removed {r['removed']}")
-        print("outputs identical across runs and worker counts:", len(digests) == 1)
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
+            print(f"| {name} | {workers} | {s:.1f} | {r['lines_read'] / s:,.0f} | {r['bytes_in'] / s / 1e6:.2f} "
+                  f"| {r['cpu_seconds']:.1f} | {r['bytes_in'] / r['cpu_seconds'] / 1e6:.2f} "
+                  f"| {r['main_cpu_seconds']:.1f} | {r['peak_rss_mb']:.0f} MB "
+                  f"| {r['removed'].get('near_duplicate', 0):,} | {r['documents_out']:,} |")
+        print(f"\ndefaults: documents in {base['documents_in']:,}, out {base['documents_out']:,}; "
+              f"removed {base['removed']}; masked {base.get('pii')}; LSH {base.get('lsh')}")
+        for i, (name, *_) in enumerate(variants[2:], 2):
+            print(f"{name}: removed {best[i]['removed']}; LSH {best[i].get('lsh', 'not reported')}")
+        print("defaults: outputs identical across rounds and worker counts:", len(default_digests) == 1)
+        print(f"load average after the runs: {os.getloadavg()[0]:.2f}")
+        if args.cost_docs:
+            pipeline_us = base["cpu_seconds"] / base["lines_read"] * 1e6
+            filter_costs(sorted((root / "raw").glob("*.jsonl")), args.cost_docs, pipeline_us)
+        clean_text_drops()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
