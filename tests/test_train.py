@@ -16,13 +16,16 @@ def _losses(rows):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, caplog):
     full = _losses(run_training(tmp_path / "full", ["train.total_steps = 6", "CheckpointConfig.save_every = 3"]))
     part = tmp_path / "part"
     run_training(part, ["train.total_steps = 3", "CheckpointConfig.save_every = 3"])
     assert (part / "checkpoints" / "3").is_dir()
-    # The same command with a larger step budget continues from step 3 with the same data.
-    resumed = _losses(run_training(part, ["train.total_steps = 6", "CheckpointConfig.save_every = 3"]))
+    # The same command with a larger step budget continues from step 3 with the same data,
+    # and says that the schedule is not the one the checkpoint was on.
+    with caplog.at_level("WARNING", logger="kinoe_jax.schedule_check"):
+        resumed = _losses(run_training(part, ["train.total_steps = 6", "CheckpointConfig.save_every = 3"]))
+    assert "resuming at step 3 under a changed schedule: train.total_steps 3 -> 6" in caplog.text
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step] == full[step], f"step {step}: {resumed[step]} != {full[step]} (must be bitwise)"
