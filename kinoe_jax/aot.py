@@ -1,22 +1,30 @@
-"""Will it fit? Compile the real training step for a target mesh before paying for the hardware.
+"""Will it fit, and how fast could it go? Compile the real training step for a slice, on that
+chip's own compiler, before paying for the hardware.
 
     python -m kinoe_jax.aot --gin_file=gin_configs/models/mistral_7b.gin \\
-        --gin_file=gin_configs/mesh/fsdp.gin --num_devices=8 --seq_len=4096 --global_batch=32 \\
-        --accelerator=h100
+        --gin_file=gin_configs/mesh/fsdp.gin --target=v5p-16 --seq_len=4096 --global_batch=64 \\
+        [--train_tokens=2e11]
 
-The training step of kinoe_jax.train is lowered and compiled against abstract shapes
-(jax.ShapeDtypeStruct carrying the shardings the run would use): the model is never allocated,
-so a 7B or 47B model is checked on a laptop with simulated CPU devices
-(--num_devices sets XLA's host device count), or against a TPU slice when libtpu is installed
-(--tpu_topology=v5p:4x4x4). XLA's buffer assignment gives the per-device memory: arguments
-(parameters + optimizer state + batch), temporaries (activations, gradients, collectives'
-buffers) and outputs. The CPU compiler's temporaries are a guide, not the GPU's exact figure
-(fusion and rematerialisation differ by backend); parameters and optimizer state are exact.
+`--target` names a slice (v5p-8, v5p-16, v5e-8, v6e-8, h100-8, h200-8, ...; kinoe_jax/chips.py):
+TPU slices are compiled by libtpu, GPU nodes by the CUDA plugin's deviceless compiler, both
+running on this machine without the hardware. `--num_devices=N` compiles for N simulated CPU
+devices instead (the CPU compiler: parameters and optimizer state are exact, temporaries are a
+guide only), and `--tpu_topology` takes a raw libtpu topology name.
 
-FLOPs per step come from XLA's cost analysis. XLA counts a loop body once, so the count
-is taken from two shallow unrolled compiles (one and two layer groups) and extrapolated to
-the full depth; it is printed next to the 6N + 12·L·H·Q·T formula used for MFU (remat adds
-recomputation on top of the formula). Exit status 1 means "does not fit".
+The step of kinoe_jax.train is lowered against abstract shapes carrying the run's shardings, so
+the model is never allocated. Reported per device:
+- memory as the chip's compiler allocates it (arguments, temporaries, outputs);
+- matmul FLOPs, memory traffic and the bytes of each collective kind, read from the compiled
+  HLO with every loop body counted as often as it runs (kinoe_jax/hlo_stats.py), plus the
+  FLOPs and bytes of every Pallas / cuDNN kernel, which the HLO cannot show
+  (kinoe_jax/kernel_costs.py);
+- a roofline time: each operation at max(FLOPs / peak, bytes / bandwidth), kernels included,
+  collectives assumed hidden behind compute. It bounds the step time from below, so the MFU and
+  tokens/s it implies are upper limits that rank choices, not predictions;
+- XLA's own `optimal_seconds` where the compiler gives one, for reference (it counts a loop
+  body once: the layer scan, and on TPU the collective matmuls FSDP becomes).
+`--train_tokens` adds the days to train that many tokens at the estimate and at `--mfu`.
+Exit status 1 means "does not fit".
 """
 
 from __future__ import annotations
@@ -28,11 +36,6 @@ import os
 import sys
 import time
 
-# Per chip: dense bf16 peak TFLOP/s and memory GB (decimal, as sold).
-ACCELERATORS = {
-    "h100": (989.0, 80.0), "h200": (989.0, 141.0), "a100": (312.0, 80.0), "a100-40gb": (312.0, 40.0),
-    "v5p": (459.0, 95.0), "v5e": (197.0, 16.0), "v4": (275.0, 32.0), "v6e": (918.0, 32.0),
-}
 GIB = 1024 ** 3
 
 
@@ -42,6 +45,7 @@ class FitReport:
     mesh: dict
     num_devices: int
     platform: str
+    target: str | None
     seq_len: int
     global_batch: int
     grad_accum: int
@@ -57,11 +61,18 @@ class FitReport:
     total_bytes: int
     min_state_bytes: float  # (params + optimizer state) / devices: the floor for this many devices
     flops_formula: float  # per step, all devices: (6N + 12·L·H·Q·T) · tokens
-    flops_compiled: float | None  # per step, all devices, from XLA's cost analysis (None: skipped)
-    flops_compile_s: float
+    matmul_flops: float  # per step, all devices: the compiled program's matmuls (HLO)
+    kernel_flops: float  # per step, all devices: inside Pallas / cuDNN kernels (priced)
+    bytes_accessed: float  # per step, per device (HLO operations + kernels)
+    collective_bytes: dict  # kind -> bytes per step, per device
+    fsdp_ideal_bytes: float | None  # per device: gather parameters twice, reduce-scatter gradients once
+    kernels: list  # [{name, calls, flops, bytes, seconds}] per device
+    unpriced_kernels: list
+    roofline_s: float | None  # per step (devices work in parallel)
+    xla_optimal_s: float | None
     device_memory_gb: float | None = None
     peak_tflops: float | None = None
-    mfu: float | None = None
+    mfu: float | None = None  # the stated MFU for the planner line
 
     @property
     def fits(self) -> bool | None:
@@ -71,14 +82,38 @@ class FitReport:
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
 
-    def tokens_per_sec(self) -> float | None:
-        if not (self.peak_tflops and self.mfu):
+    @property
+    def flops_compiled(self) -> float:
+        return self.matmul_flops + self.kernel_flops
+
+    @property
+    def memory_fraction(self) -> float | None:
+        return None if not self.device_memory_gb else self.total_bytes / (self.device_memory_gb * 1e9)
+
+    def estimated_mfu(self) -> float | None:
+        """The formula's FLOPs over the roofline time: an upper bound on MFU."""
+        if not (self.roofline_s and self.peak_tflops):
             return None
-        return self.mfu * self.peak_tflops * 1e12 * self.num_devices / (self.flops_formula / self.tokens_per_step)
+        return self.flops_formula / (self.roofline_s * self.peak_tflops * 1e12 * self.num_devices)
+
+    def tokens_per_sec(self, mfu: float | None = None) -> float | None:
+        """Whole slice, at `mfu` (default: the estimate)."""
+        mfu = mfu if mfu is not None else self.estimated_mfu()
+        if not (mfu and self.peak_tflops):
+            return None
+        return mfu * self.peak_tflops * 1e12 * self.num_devices / (self.flops_formula / self.tokens_per_step)
+
+    def train_days(self, tokens: float, mfu: float | None = None) -> float | None:
+        tps = self.tokens_per_sec(mfu)
+        return None if not tps else tokens / tps / 86400
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(fits=self.fits, tokens_per_sec=self.tokens_per_sec(), tokens_per_step=self.tokens_per_step)
+        tps = self.tokens_per_sec()
+        d.update(fits=self.fits, tokens_per_step=self.tokens_per_step, flops_compiled=self.flops_compiled,
+                 estimated_mfu=self.estimated_mfu(), tokens_per_sec=tps,
+                 tokens_per_sec_per_device=tps / self.num_devices if tps else None,
+                 memory_fraction=self.memory_fraction)
         return d
 
 
@@ -103,7 +138,9 @@ def _full_bytes(abstract) -> int:
 
 def compile_train_step(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int, zero1: bool,
                        total_steps: int = 1000):
-    """(compiled executable, abstract state) of kinoe_jax.train's step on `mesh`, from shapes only."""
+    """(compiled executable, abstract state) of kinoe_jax.train's step on `mesh`, from shapes only.
+
+    The one compile path: the fit check, the FLOP and collective counts and the sweeps all use it."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -131,60 +168,79 @@ def compile_train_step(model_cfg, mesh, seq_len: int, global_batch: int, grad_ac
     return compiled, abstract
 
 
-def _flops(compiled) -> float:
+def check_shapes(model_cfg, seq_len: int, platform: str) -> None:
+    """Shape errors a kernel would raise mid-trace, named in one line before any compile."""
+    from kinoe_jax.models.attention import choose
+    from kinoe_jax.models.attention.splash import block_sizes_for
+
+    if choose(model_cfg.attention_impl, platform, seq_len, model_cfg.compute_dtype) == "splash":
+        block_sizes_for(seq_len, model_cfg.attention_block_q, model_cfg.attention_block_kv)
+    if seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds ModelConfig.max_seq_len {model_cfg.max_seq_len}")
+
+
+def _xla_optimal_seconds(compiled) -> float | None:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
-        cost = cost[0]
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+        cost = cost[0] if cost else None
+    value = cost.get("optimal_seconds") if cost else None
+    return float(value) if value and value > 0 else None
 
 
-def count_flops(model_cfg, mesh, seq_len: int, global_batch: int, zero1: bool) -> float:
-    """FLOPs of one step on all devices, from two unrolled shallow compiles extrapolated in depth.
+def fsdp_ideal_bytes(model_cfg, mesh) -> float | None:
+    """Per device and step: all-gather the parameters for the forward and again for the
+    backward, reduce-scatter the gradients, in the compute dtype, over the fsdp axis (ring:
+    (n - 1)/n of the full size each)."""
+    import numpy as np
 
-    XLA's cost analysis counts a while-loop body once, so scanned layers (and scanned
-    micro-batches) would be under-counted. Per layer group the work is identical, so
-    f(groups) = a + b·groups is exact; one micro-batch of the whole global batch does the same
-    matmuls as grad_accum smaller ones.
-    """
-    period = model_cfg.moe_layer_period if model_cfg.num_experts else 1
-    groups = model_cfg.num_layers // period
-    values = []
-    for g in (1, 2):
-        cfg = dataclasses.replace(model_cfg, num_layers=g * period, scan_layers=False)
-        compiled, _ = compile_train_step(cfg, mesh, seq_len, global_batch, 1, zero1)
-        values.append(_flops(compiled))
-    per_group = values[1] - values[0]
-    return (values[0] + per_group * (groups - 1)) * mesh.size
+    n = mesh.shape.get("fsdp", 1)
+    if n <= 1:
+        return None
+    item = np.dtype(model_cfg.compute_dtype).itemsize
+    return 3.0 * model_cfg.num_params() * item * (n - 1) / n
 
 
 def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int = 1, zero1: bool = False,
-               count: bool = True, device_memory_gb: float | None = None, peak_tflops: float | None = None,
-               mfu: float | None = None) -> FitReport:
+               device_memory_gb: float | None = None, peak_tflops: float | None = None,
+               hbm_gbps: float | None = None, mfu: float | None = None, target: str | None = None) -> FitReport:
+    from kinoe_jax import hlo_stats, kernel_costs
+
+    platform = mesh.devices.flat[0].platform
+    check_shapes(model_cfg, seq_len, platform)
     t, cpu = time.perf_counter(), time.process_time()
     compiled, abstract = compile_train_step(model_cfg, mesh, seq_len, global_batch, grad_accum, zero1)
     compile_s, compile_cpu_s = time.perf_counter() - t, time.process_time() - cpu
     mem = compiled.memory_analysis()
     if mem is None:
-        raise RuntimeError(f"the {mesh.devices.flat[0].platform} compiler gives no memory analysis")
+        raise RuntimeError(f"the {platform} compiler gives no memory analysis")
     params_b = _state_bytes_per_device(abstract["params"])
     opt_b = _state_bytes_per_device(abstract["opt_state"])
     args_b = int(mem.argument_size_in_bytes)
     out_b = max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
     temp_b = int(mem.temp_size_in_bytes)
-    t = time.perf_counter()
-    flops_compiled = count_flops(model_cfg, mesh, seq_len, global_batch, zero1) if count else None
-    flops_s = time.perf_counter() - t if count else 0.0
-    tokens = global_batch * seq_len
+    peak = peak_tflops * 1e12 if peak_tflops else None
+    bandwidth = hbm_gbps * 1e9 if hbm_gbps else None
+    stats = hlo_stats.analyze(compiled.as_text(), mesh.size, peak, bandwidth)
+    kernels = kernel_costs.price(stats.custom_calls, stats.custom_call_operands, model_cfg)
+    kernel_rows = [dict(name=k.name, calls=k.calls, flops=k.flops, bytes=k.bytes,
+                        seconds=k.seconds(peak, bandwidth) if peak and bandwidth else None) for k in kernels]
+    roofline = None
+    if peak and bandwidth:
+        roofline = stats.roofline_s + sum(r["seconds"] for r in kernel_rows)
     return FitReport(
-        model=dataclasses.asdict(model_cfg), mesh=dict(mesh.shape),
-        num_devices=mesh.size, platform=mesh.devices.flat[0].platform, seq_len=seq_len, global_batch=global_batch,
-        grad_accum=grad_accum, zero1=zero1, num_params=model_cfg.num_params(), compile_s=compile_s,
-        compile_cpu_s=compile_cpu_s,
+        model=dataclasses.asdict(model_cfg), mesh=dict(mesh.shape), num_devices=mesh.size, platform=platform,
+        target=target, seq_len=seq_len, global_batch=global_batch, grad_accum=grad_accum, zero1=zero1,
+        num_params=model_cfg.num_params(), compile_s=compile_s, compile_cpu_s=compile_cpu_s,
         params_bytes=params_b, opt_state_bytes=opt_b, other_arg_bytes=max(args_b - params_b - opt_b, 0),
         temp_bytes=temp_b, output_bytes=out_b, total_bytes=args_b + temp_b + out_b,
         min_state_bytes=(_full_bytes(abstract["params"]) + _full_bytes(abstract["opt_state"])) / mesh.size,
-        flops_formula=model_cfg.flops_per_token(seq_len) * tokens, flops_compiled=flops_compiled,
-        flops_compile_s=flops_s, device_memory_gb=device_memory_gb, peak_tflops=peak_tflops, mfu=mfu)
+        flops_formula=model_cfg.flops_per_token(seq_len) * global_batch * seq_len,
+        matmul_flops=stats.matmul_flops * mesh.size, kernel_flops=sum(k.flops for k in kernels) * mesh.size,
+        bytes_accessed=stats.bytes_accessed + sum(k.bytes for k in kernels),
+        collective_bytes=stats.collective_bytes, fsdp_ideal_bytes=fsdp_ideal_bytes(model_cfg, mesh),
+        kernels=kernel_rows, unpriced_kernels=kernel_costs.unpriced(stats.custom_calls), roofline_s=roofline,
+        xla_optimal_s=_xla_optimal_seconds(compiled), device_memory_gb=device_memory_gb,
+        peak_tflops=peak_tflops, mfu=mfu)
 
 
 # ----------------------------------------------------------------------------- report
@@ -192,16 +248,17 @@ def _gib(n: float) -> str:
     return f"{n / GIB:8.2f} GiB"
 
 
-def format_report(r: FitReport, accelerator: str | None = None) -> str:
+def format_report(r: FitReport, accelerator: str | None = None, train_tokens: float | None = None) -> str:
     m = r.model
+    where = r.target or f"{r.num_devices} {r.platform} devices"
     lines = [
         f"model: {r.num_params / 1e9:.2f} B parameters ({m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"ffn {m['intermediate_size']}, heads {m['num_heads']}/{m['num_kv_heads']}"
-        + (f", {m['num_experts']} experts top-{m['num_experts_per_tok']}" if m.get("num_experts") else "") + ")",
-        f"mesh: {r.mesh} on {r.num_devices} {r.platform} devices; zero1 {'on' if r.zero1 else 'off'}",
+        + (f", {m['num_experts']} experts top-{m['num_experts_per_tok']}" if m.get("num_experts") else "")
+        + f"; remat {m['remat_policy']}, attention {m['attention_impl']})",
+        f"target: {where}; mesh {r.mesh}; zero1 {'on' if r.zero1 else 'off'}",
         f"batch: {r.global_batch} x {r.seq_len} tokens per step (grad_accum {r.grad_accum})",
-        f"compile: {r.compile_s:.1f} s ({r.compile_cpu_s:.1f} s CPU)"
-        + (f" (+{r.flops_compile_s:.1f} s to count FLOPs)" if r.flops_compiled else ""),
+        f"compile: {r.compile_s:.1f} s ({r.compile_cpu_s:.1f} s CPU) on the {r.platform} compiler",
         "per device:",
         f"  parameters        {_gib(r.params_bytes)}",
         f"  optimizer state   {_gib(r.opt_state_bytes)}",
@@ -211,19 +268,40 @@ def format_report(r: FitReport, accelerator: str | None = None) -> str:
         f"  total             {_gib(r.total_bytes)}",
         f"  floor: (parameters + optimizer state) / {r.num_devices} devices = {_gib(r.min_state_bytes).strip()}; "
         f"state held per device is {(r.params_bytes + r.opt_state_bytes) / max(r.min_state_bytes, 1):.2f}x the floor",
+        f"FLOPs per step: formula 6N+12LHQT {r.flops_formula:.3e}, compiled {r.flops_compiled:.3e} "
+        f"(matmuls {r.matmul_flops:.3e} + kernels {r.kernel_flops:.3e}; ratio {r.flops_compiled / r.flops_formula:.2f})",
     ]
-    flops = f"FLOPs per step: formula 6N+12LHQT {r.flops_formula:.3e}"
-    if r.flops_compiled:
-        flops += f", compiled {r.flops_compiled:.3e} (ratio {r.flops_compiled / r.flops_formula:.2f})"
-        if m.get("num_experts"):
-            # The dropless expert FFN loops over token blocks (or is a grouped-matmul kernel):
-            # XLA's count misses most of it, so the formula is the figure to trust for MoE.
-            flops += "; MoE expert matmuls run in a loop XLA counts once: use the formula"
-    lines.append(flops)
-    tps = r.tokens_per_sec()
-    if tps:
-        lines.append(f"expected at {r.mfu:.0%} MFU of {r.peak_tflops:g} TFLOP/s per device: {tps:,.0f} tokens/s "
-                     f"({tps / r.num_devices:,.0f} per device), {r.tokens_per_step / tps:.2f} s per step")
+    if r.collective_bytes:
+        kinds = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(r.collective_bytes.items()))
+        total = sum(r.collective_bytes.values())
+        ideal = (f"; FSDP ideal {r.fsdp_ideal_bytes / GIB:.2f} GiB ({total / r.fsdp_ideal_bytes:.2f}x)"
+                 if r.fsdp_ideal_bytes else "")
+        lines.append(f"collectives per step and device (GiB): {kinds}; total {total / GIB:.2f}{ideal}")
+    for k in r.kernels:
+        lines.append(f"kernel {k['name']}: {k['calls']:.0f} calls, {k['flops']:.3e} FLOPs, {k['bytes'] / GIB:.2f} GiB"
+                     + (f", {k['seconds'] * 1e3:.3g} ms at the roofline" if k["seconds"] is not None else "")
+                     + " per device (priced from its operands: the compiler cannot see inside)")
+    if r.unpriced_kernels:
+        lines.append(f"not priced (custom calls): {', '.join(r.unpriced_kernels)}")
+    if r.roofline_s:
+        est = r.estimated_mfu()
+        tps = r.tokens_per_sec()
+        lines.append(f"roofline step time {r.roofline_s:.4g} s -> at most {est:.1%} MFU, {tps / r.num_devices:,.0f} "
+                     f"tokens/s per device ({tps:,.0f} for the slice); an upper bound that ranks choices"
+                     + (f"; XLA's optimal_seconds {r.xla_optimal_s:.4g} s (loop bodies once)" if r.xla_optimal_s else ""))
+    if r.mfu and r.peak_tflops:
+        tps = r.tokens_per_sec(r.mfu)
+        lines.append(f"at {r.mfu:.0%} MFU of {r.peak_tflops:g} TFLOP/s per device: {tps:,.0f} tokens/s "
+                     f"({tps / r.num_devices:,.0f} per device), {r.tokens_per_step / tps:.4g} s per step")
+    if train_tokens:
+        est_days = r.train_days(train_tokens)
+        stated = r.train_days(train_tokens, r.mfu) if r.mfu else None
+        parts = []
+        if est_days:
+            parts.append(f"{est_days:,.3g} days at the estimated {r.estimated_mfu():.1%} MFU")
+        if stated:
+            parts.append(f"{stated:,.3g} days at {r.mfu:.0%} MFU")
+        lines.append(f"plan: {train_tokens:.3g} tokens on {where}: " + " / ".join(parts))
     if r.fits is not None:
         what = f"{r.device_memory_gb:g} GB" + (f" ({accelerator})" if accelerator else "")
         need = r.total_bytes / 1e9
@@ -237,64 +315,44 @@ def format_report(r: FitReport, accelerator: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-def _devices(args):
-    import jax
-
-    if args.tpu_topology:
-        try:
-            from jax.experimental import topologies
-
-            bounds = tuple(int(x) for x in args.tpu_chips_per_host.split(","))
-            topo = topologies.get_topology_desc(topology_name=args.tpu_topology, platform="tpu",
-                                                chip_config_name=args.tpu_chip_config,
-                                                chips_per_host_bounds=bounds, num_slices=1)
-        except Exception as e:  # noqa: BLE001 - no libtpu, or a name libtpu does not know
-            raise SystemExit(f"--tpu_topology={args.tpu_topology}: cannot describe this TPU slice "
-                             f"({type(e).__name__}: {e}). It needs libtpu (pip install 'jax[tpu]') and a "
-                             f"libtpu topology name such as v5p:4x4x4 or v5e:4x4.")
-        return list(topo.devices)
-    devices = jax.devices()
-    n = args.num_devices or len(devices)
-    if len(devices) < n:
-        raise SystemExit(f"--num_devices={n} but only {len(devices)} devices exist: set it before JAX starts "
-                         f"(run `python -m kinoe_jax.aot` as its own process)")
-    return devices[:n]
-
-
-def _zero1_from_gin() -> bool:
-    import gin
-
-    try:
-        return bool(gin.query_parameter("train.zero1"))
-    except ValueError:
-        return False
-
-
 def main(argv=None) -> int:
+    from kinoe_jax.chips import CHIPS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], help="model / mesh / run gin (repeatable)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
+    parser.add_argument("--target", default=None, help="slice to compile for: v5p-16, v5e-8, v6e-8, h100-8, ...")
     parser.add_argument("--num_devices", type=int, default=None,
-                        help="devices of the target mesh (simulated on the CPU when no accelerator is attached)")
-    parser.add_argument("--tpu_topology", default=None, help="libtpu topology name, e.g. v5p:4x4x4 (needs libtpu)")
-    parser.add_argument("--tpu_chip_config", default="default", help="libtpu chip config (e.g. megacore for v4)")
-    parser.add_argument("--tpu_chips_per_host", default="2,2,1", help="chips per host bounds, e.g. 2,2,1")
+                        help="compile for N simulated CPU devices instead (the CPU compiler)")
+    parser.add_argument("--tpu_topology", default=None, help="raw libtpu topology name, e.g. v5p:4x4x4")
+    parser.add_argument("--tpu_chip_config", default="megacore", help="libtpu chip config for --tpu_topology")
+    parser.add_argument("--tpu_chips_per_host", default="2,2,1", help="chips per host bounds for --tpu_topology")
     parser.add_argument("--seq_len", type=int, default=None, help="default: DataConfig.seq_len from gin")
     parser.add_argument("--global_batch", type=int, default=None, help="default: DataConfig.global_batch from gin")
     parser.add_argument("--grad_accum", type=int, default=None, help="default: DataConfig.grad_accum from gin")
     parser.add_argument("--zero1", action="store_true", default=None, help="split optimizer state over data too")
-    parser.add_argument("--accelerator", default="h100", choices=sorted(ACCELERATORS),
-                        help="sets the peak and memory defaults below")
+    parser.add_argument("--accelerator", default=None, choices=sorted(CHIPS),
+                        help="the chip whose peak and memory apply (default: the target's; h100 with --num_devices)")
     parser.add_argument("--device_memory_gb", type=float, default=None, help="memory per device (GB, 1e9 bytes)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak per device")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to expect")
-    parser.add_argument("--skip_flop_count", action="store_true", help="skip the two shallow FLOP-count compiles")
+    parser.add_argument("--mfu", type=float, default=0.4, help="the MFU to state next to the estimate")
+    parser.add_argument("--train_tokens", type=float, default=None, help="plan: days to train this many tokens")
     parser.add_argument("--json_out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. gin_configs/models/mistral_7b.gin)")
+    if sum(x is not None for x in (args.target, args.num_devices, args.tpu_topology)) > 1:
+        parser.error("give one of --target, --num_devices, --tpu_topology")
 
-    if args.num_devices and not args.tpu_topology and "jax" not in sys.modules:
+    from kinoe_jax import chips
+
+    tgt = None
+    if args.target:
+        try:  # an unknown name is named before anything starts
+            tgt = chips.target(args.target)
+        except chips.TargetError as e:
+            raise SystemExit(str(e))
+    if args.num_devices and "jax" not in sys.modules:
         # Simulated devices must be requested before JAX starts its CPU backend.
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.num_devices}".strip()
@@ -310,20 +368,56 @@ def main(argv=None) -> int:
     load_gin(args.gin_file, args.gin_bindings)
     model_cfg = ModelConfig()
     data = DataConfig()
-    mesh = make_mesh(devices=_devices(args))
-    peak, memory = ACCELERATORS[args.accelerator]
+    seq_len = args.seq_len or data.seq_len
+    try:
+        if args.tpu_topology:
+            family = args.tpu_topology.split(":")[0]
+            if family not in chips.CHIPS:
+                raise chips.TargetError(f"--tpu_topology={args.tpu_topology}: unknown chip {family!r}")
+            bounds = tuple(int(x) for x in args.tpu_chips_per_host.split(","))
+            tgt = chips.Target(args.tpu_topology, chips.CHIPS[family], "tpu", -1, args.tpu_topology,
+                               args.tpu_chip_config, bounds)
+        if tgt is not None:
+            check_shapes(model_cfg, seq_len, tgt.platform)
+            devices = tgt.devices()
+        else:
+            devices = _cpu_devices(args.num_devices)
+    except (chips.TargetError, ValueError) as e:
+        raise SystemExit(str(e).splitlines()[0])
+    chip = CHIPS[args.accelerator] if args.accelerator else (tgt.chip if tgt else CHIPS["h100"])
+    mesh = make_mesh(devices=devices)
     report = fit_report(
-        model_cfg, mesh, seq_len=args.seq_len or data.seq_len, global_batch=args.global_batch or data.global_batch,
+        model_cfg, mesh, seq_len=seq_len, global_batch=args.global_batch or data.global_batch,
         grad_accum=args.grad_accum or data.grad_accum, zero1=_zero1_from_gin() if args.zero1 is None else True,
-        count=not args.skip_flop_count, device_memory_gb=args.device_memory_gb or memory,
-        peak_tflops=args.peak_tflops or peak, mfu=args.mfu)
-    print(format_report(report, accelerator=args.accelerator), flush=True)
+        device_memory_gb=args.device_memory_gb or chip.memory_gb, peak_tflops=args.peak_tflops or chip.peak_tflops,
+        hbm_gbps=chip.hbm_gbps, mfu=args.mfu, target=tgt.describe() if tgt else None)
+    print(format_report(report, accelerator=chip.name, train_tokens=args.train_tokens), flush=True)
     if args.json_out:
         tmp = args.json_out + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(report.as_dict(), f, indent=1, default=str)
         os.replace(tmp, args.json_out)
     return 0 if report.fits is not False else 1
+
+
+def _cpu_devices(num_devices):
+    import jax
+
+    devices = jax.devices()
+    n = num_devices or len(devices)
+    if len(devices) < n:
+        raise SystemExit(f"--num_devices={n} but only {len(devices)} devices exist: set it before JAX starts "
+                         f"(run `python -m kinoe_jax.aot` as its own process)")
+    return devices[:n]
+
+
+def _zero1_from_gin() -> bool:
+    import gin
+
+    try:
+        return bool(gin.query_parameter("train.zero1"))
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class Target:
     name: str
     chip: Chip
     platform: str  # "tpu" | "gpu"
-    num_devices: int
+    num_devices: int  # -1: whatever the topology holds (a raw libtpu name)
     topology: str  # libtpu topology name, or the CUDA plugin's "slices x hosts x devices"
     chip_config: str = "default"
     host_bounds: tuple = (2, 2, 1)
@@ -110,7 +110,7 @@ class Target:
             raise TargetError(f"target {self.name}: cannot describe {self.topology} "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it needs {need}")
         devices = list(topo.devices)
-        if len(devices) != self.num_devices:
+        if self.num_devices > 0 and len(devices) != self.num_devices:
             raise TargetError(f"target {self.name}: expected {self.num_devices} devices, "
                               f"the compiler described {len(devices)}")
         return devices

@@ -23,6 +23,8 @@ TPU_COMPILE_ONLY_ENV = {
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_WORKER_HOSTNAMES": "localhost",
     "TPU_ACCELERATOR_TYPE": "v5p-8",  # any valid name: only silences a startup warning
+    # Nothing runs on a TPU here, so several compiling processes may share libtpu.
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
 }
 
 # What the CUDA libraries print when JAX (or TensorFlow) loads them on a machine without an
@@ -103,3 +105,13 @@ def setup() -> set[str]:
             if register is not None:
                 register()
     return attached
+
+
+def mesh_platform() -> str:
+    """'tpu', 'gpu' or 'cpu': the devices of the mesh being traced for (a compile-only TPU slice
+    on a CPU host says 'tpu'), else JAX's default backend. Kernels are chosen by this."""
+    import jax
+
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
+    return getattr(device, "platform", None) or jax.default_backend()

@@ -70,7 +70,8 @@ def test_parameter_layout_is_the_converter_contract():
     assert tuple(axes["wo"]) == ("exp", "mlp", "embed")
 
 
-@pytest.mark.parametrize("impl,block", [("blocks", 64), ("blocks", 8), ("ragged", 64)])
+@pytest.mark.parametrize("impl,block", [("blocks", 64), ("blocks", 8), ("ragged", 64),
+                                        pytest.param("gmm", 64, marks=pytest.mark.slow)])
 def test_dropless_matches_dense_reference(impl, block):
     x, seg = _inputs()
     params = _params()
@@ -217,6 +218,27 @@ def test_expert_parallel_block_matches_data_parallel(capacity):
     if not capacity:  # one group per device, also unsharded: routing never crosses groups
         single, _ = _apply(cfg, params, x, seg)
         _close(ref_out, single, msg="unsharded")
+
+
+@pytest.mark.slow
+def test_megablox_gmm_on_a_data_fsdp_tensor_mesh():
+    """The TPU kernel (Pallas interpret mode here) per device under shard_map: each device's token
+    groups, the FFN width split over 'tensor' with the down projection summed back."""
+    cfg = dataclasses.replace(CFG, num_experts=8, moe_impl="gmm")
+    x, seg = _inputs(batch=8, length=16, pad_from=12)
+    params = _params(cfg, x, seg)
+    ref_out, ref_grads, _ = _block_on_mesh(dataclasses.replace(cfg, moe_impl="dense"), params, x, seg, dict(data=8))
+    out, grads, hlo = _block_on_mesh(cfg, params, x, seg, dict(data=2, fsdp=2, tensor=2))
+    _close(out, ref_out, msg="gmm output")
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        _close(g, r, msg="gmm gradients")
+    assert "all-reduce" in hlo  # the tensor-parallel partial sums
+
+
+def test_default_impl_by_platform():
+    assert [K.default_impl(p) for p in ("cpu", "gpu", "tpu")] == ["blocks", "ragged", "gmm"]
+    assert K.default_impl() == "blocks"  # this CPU, no mesh
+    assert K.gmm_rows(300) == 384 and K.gmm_rows(5000) == 5120  # whole row tiles (128, then 512)
 
 
 def test_interleaved_dense_and_moe_layers():

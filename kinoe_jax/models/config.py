@@ -13,7 +13,7 @@ from kinoe_jax.models.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
+MOE_IMPLS = ("auto", "blocks", "ragged", "gmm", "dense")
 ATTENTION_IMPLS = ("auto", "blocked", "splash", "cudnn")
 
 
@@ -61,8 +61,8 @@ class ModelConfig:
     moe_z_loss_coef: float = 1e-3
     # 0: dropless. > 0: each expert takes at most factor * fair share rows, the rest dropped.
     moe_capacity_factor: float = 0.0
-    # Dropless grouped matmul (docs/moe.md): auto (blocks on CPU, ragged elsewhere) | blocks |
-    # ragged | dense (every expert on every token: the reference).
+    # Dropless grouped matmul (docs/moe.md): auto (blocks on CPU, ragged on GPU, gmm on TPU) |
+    # blocks | ragged | gmm | dense (every expert on every token: the reference).
     moe_impl: str = "auto"
     moe_block_size: int = 64  # rows per block of the "blocks" implementation
     # Low-rank adapters on the projections (kinoe_jax/models/lora.py); None: no adapters.

@@ -117,20 +117,53 @@ def _dropless(cfg: ModelConfig, xg, gate_w, experts, valid, weights):
     if impl == "dense":
         return jax.vmap(K.dense_reference, in_axes=(0, 0, 0, 0, None, None, None))(
             xg, gate_w, experts, valid, *weights)
-    block = 1 if impl == "ragged" else K.block_size_for(s * k, n_exp, cfg.moe_block_size)
-    rows = K.dropless_rows(s * k, n_exp, block)
+    block = 1 if impl in ("ragged", "gmm") else K.block_size_for(s * k, n_exp, cfg.moe_block_size)
+    rows = K.gmm_rows(s * k) if impl == "gmm" else K.dropless_rows(s * k, n_exp, block)
     plan = jax.vmap(functools.partial(K.plan_dropless, num_experts=n_exp, block=block, rows=rows))(
         experts, valid)
     xr = jax.vmap(K.dispatch)(xg, plan.row_token)  # [G, rows, E], sorted by expert
     weights = _gathered(weights)
     if impl == "ragged":
         yr = K.ragged_ffn(xr, plan.counts, *weights)
+    elif impl == "gmm":
+        yr = _gmm_per_device(xr, plan.counts, weights)
     else:
         nb = rows // block
         xb = xr.reshape(groups, nb, block, e).transpose(1, 0, 2, 3)
         yb = K.block_ffn(_constrain, xb, plan.block_expert.T, jnp.max(plan.used_blocks), *weights)
         yr = yb.transpose(1, 0, 2, 3).reshape(groups, rows, e)
     return jax.vmap(K.combine)(yr, gate_w, plan.slot_row)
+
+
+def _gmm_per_device(xr, counts, weights):
+    """The megablox kernel sees one device's arrays: run it under shard_map, each device on its
+    own token groups (the batch shards) with the gathered expert weights. Under tensor
+    parallelism every device holds a slice of the FFN width, so the down projection's partial
+    sums are added over that axis."""
+    from kinoe_jax.platform import mesh_platform  # noqa: PLC0415
+
+    interpret = mesh_platform() != "tpu"
+
+    def run(x, sizes, wg, wu, wo):
+        return jax.lax.map(lambda a: K.gmm_ffn(a[0], a[1], wg, wu, wo, interpret), (x, sizes))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return run(xr, counts, *weights)
+    P = jax.sharding.PartitionSpec
+    groups = P(*nn.logical_to_mesh_axes(("batch",))) if batch_groups(xr.shape[0]) > 1 else P(None)
+    mlp = nn.logical_to_mesh_axes(("mlp",))[0]
+    mlp_axes = () if mlp is None else (mlp,) if isinstance(mlp, str) else tuple(mlp)
+    if mlp_axes and weights[0].shape[-1] % math.prod(mesh.shape[a] for a in mlp_axes):
+        mlp, mlp_axes = None, ()
+
+    def per_device(x, sizes, wg, wu, wo):
+        y = run(x, sizes, wg, wu, wo)
+        return jax.lax.psum(y, mlp_axes) if mlp_axes else y
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(groups, groups, P(None, None, mlp), P(None, None, mlp),
+                                                          P(None, mlp, None)),
+                         out_specs=groups, check_vma=False)(xr, counts, *weights)
 
 
 def _capacity(cfg: ModelConfig, xg, gate_w, experts, valid, weights):

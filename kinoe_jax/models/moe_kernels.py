@@ -11,6 +11,8 @@ Implementations of the dropless expert FFN, one interface (rows sorted by expert
           weights. Fast on CPU, where ragged_dot computes every expert in full.
   ragged  jax.lax.ragged_dot on unpadded sorted rows: the backend kernel on GPU (Triton/XLA)
           and TPU (XLA ragged dot).
+  gmm     the megablox grouped matmul (a Pallas TPU kernel with its own VJP) on the sorted rows,
+          run per device under shard_map: TPU only (interpret mode elsewhere, for tests).
   dense   every expert on every token, masked by the router: the reference.
 """
 
@@ -23,10 +25,17 @@ import jax
 import jax.numpy as jnp
 
 
-def default_impl(backend: str | None = None) -> str:
-    """The dropless implementation the benchmark chose for a backend (see docs/moe.md)."""
-    backend = backend or jax.default_backend()
-    return "blocks" if backend == "cpu" else "ragged"
+# The dropless implementation chosen for each platform from measured or compiled figures
+# (docs/moe.md): blocks on the CPU (bench_moe.py), ragged_dot on GPU, megablox gmm on TPU
+# (tools/bench/bench_moe_tpu.py: libtpu's own figures for both, the kernel's cost added).
+DEFAULT_IMPL = {"cpu": "blocks", "gpu": "ragged", "tpu": "gmm"}
+
+
+def default_impl(platform: str | None = None) -> str:
+    """The dropless implementation for a platform (default: the mesh's, see kinoe_jax.platform)."""
+    from kinoe_jax.platform import mesh_platform  # noqa: PLC0415
+
+    return DEFAULT_IMPL.get(platform or mesh_platform(), "ragged")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -260,6 +269,36 @@ def ragged_ffn(rows, group_sizes, wi_gate, wi_up, wo):
         return jax.lax.ragged_dot(h, wo_, sizes)
 
     return jax.vmap(one)(rows, group_sizes, *ws)
+
+
+GMM_TILING = (512, 1024, 1024)  # rows, contraction, output tile of the megablox kernel
+
+
+def gmm_tiling(rows: int, contract: int, out: int) -> tuple[int, int, int]:
+    """Tiles for `rows` sorted rows: row tiles divide the (padded) buffer, the others are capped
+    at the matrix (the kernel takes a ragged last tile along them)."""
+    return min(GMM_TILING[0], -(-rows // 128) * 128), min(GMM_TILING[1], contract), min(GMM_TILING[2], out)
+
+
+def gmm_rows(num_assignments: int) -> int:
+    """Static buffer rows for the gmm layout: the assignments, padded to whole row tiles."""
+    tm = gmm_tiling(num_assignments, 1, 1)[0]
+    return -(-num_assignments // tm) * tm
+
+
+def gmm_ffn(rows, group_sizes, wi_gate, wi_up, wo, interpret: bool = False):
+    """rows [R, E] of ONE group sorted by expert, group_sizes [X] -> [R, E] (rows past the
+    groups are not written: callers read only routed rows)."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # noqa: PLC0415 (Pallas TPU)
+
+    dt = rows.dtype
+
+    def mm(x, w):
+        tiles = gmm_tiling(x.shape[0], x.shape[1], w.shape[2])
+        # Positional: the kernel's VJP takes its static arguments by position.
+        return gmm(x, w.astype(dt), group_sizes, dt, tiles, None, None, False, interpret)
+
+    return mm(jax.nn.silu(mm(rows, wi_gate)) * mm(rows, wi_up), wo)
 
 
 def capacity_ffn(xb, wi_gate, wi_up, wo, constrain=lambda x, axes: x):

@@ -17,14 +17,7 @@ import jax.numpy as jnp
 from kinoe_jax.models.attention.blocked import (  # noqa: F401  (the package's public names)
     KERNEL_RESIDUAL, MASK_VALUE, RESIDUAL_NAMES, attend, attention_mask, causal_attention)
 from kinoe_jax.models.config import ATTENTION_IMPLS as IMPLS
-
-
-def mesh_platform() -> str:
-    """'tpu', 'gpu' or 'cpu': the devices of the mesh being traced for (a compile-only TPU
-    slice on a CPU host says 'tpu'), else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None
-    return getattr(device, "platform", None) or jax.default_backend()
+from kinoe_jax.platform import mesh_platform
 
 
 def choose(impl: str, platform: str, seq_len: int, dtype) -> str:

@@ -17,6 +17,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
 from kinoe_jax.models.attention import sharded
 from kinoe_jax.models.attention.blocked import KERNEL_RESIDUAL
+from kinoe_jax.platform import mesh_platform
 
 LANES = 128  # the kernel's tiles are whole multiples of a TPU vector register's lanes
 
@@ -65,8 +66,7 @@ def splash_attention(q, k, v, segment_ids, sliding_window=None, block_q: int = 5
     bq, bkv = block_sizes_for(t, block_q, block_kv)
     mesh = sharded.current_mesh()
     if interpret is None:
-        platform = getattr(getattr(mesh, "abstract_device", None), "platform", None) or jax.default_backend()
-        interpret = platform != "tpu"
+        interpret = mesh_platform() != "tpu"
     if mesh is None:
         split = sharded.Split(None, None, None, 1, 1)
     else:
