@@ -109,6 +109,7 @@ def test_answers_from_a_checkpoint_and_from_its_hf_export(tmp_path):
     assert hf.calls == kinoe.calls
 
 
+@pytest.mark.slow
 def test_turns_are_answered_in_batches_as_one_at_a_time(tmp_path):
     """Turn 1 of every question goes in one batch, then every turn 2; each answer is what the
     question gets when asked alone."""

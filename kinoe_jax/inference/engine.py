@@ -124,9 +124,9 @@ class Engine:
 
     def _generate_batch(self, prompts, request_ids, rows, max_new, stops, stop_ids, stop_strings, sampling, seed):
         bucket = layout.next_pow2(max(len(p) for p in prompts), self.min_bucket)
-        # The cache (and the buffer of new tokens) is a power of two too: the decode program
-        # depends on it alone, so datasets of different prompt and answer lengths share it.
-        cache_len = layout.next_pow2(bucket + max_new)
+        # The cache (and the buffer of new tokens) is rounded up too: the decode program depends
+        # on its length alone, so datasets of different prompt and answer lengths share it.
+        cache_len = layout.next_cache_len(bucket + max_new)
         b = layout.left_padded(prompts, request_ids, rows, bucket)
         batch = self._put(rows, b.tokens, b.positions, b.segments)
         per_row = self._put(rows, b.lengths, b.row_ids, b.valid)

@@ -12,6 +12,13 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def next_cache_len(n: int) -> int:
+    """The smallest of 2^k and 1.5 * 2^k holding n: a KV cache wastes at most a third of itself,
+    and the lengths stay few (two per octave)."""
+    p = next_pow2(n)
+    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p
+
+
 def batch_rows(n: int, batch_size: int) -> int:
     """Rows of every batch of a request of n items: batch_size when it takes several batches
     (a last, partly filled batch reuses the full batch's programs), else a power of two, so a
