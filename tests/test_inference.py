@@ -49,9 +49,9 @@ def _greedy_without_cache(cfg, params, prompts, n):
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
-@pytest.mark.parametrize("window,scan", [(None, True), pytest.param(4, False, marks=pytest.mark.slow)])
-def test_batched_greedy_equals_recomputing_the_sequence(window, scan):
-    cfg = dataclasses.replace(CFG, sliding_window=window, scan_layers=scan)
+@pytest.mark.parametrize("window,scan,tied", [(None, True, False), pytest.param(4, False, True, marks=pytest.mark.slow)])
+def test_batched_greedy_equals_recomputing_the_sequence(window, scan, tied):
+    cfg = dataclasses.replace(CFG, sliding_window=window, scan_layers=scan, tie_embeddings=tied)
     params, prompts = _params(cfg), _prompts()
     engine = Engine(cfg, params, batch_size=8)  # a full batch and a batch of one
     out = engine.generate(prompts, 7, stop_ids=())

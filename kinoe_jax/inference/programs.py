@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -37,13 +38,25 @@ def decode_config(cfg, cache_len: int):
     return dataclasses.replace(cfg, max_seq_len=cache_len, remat_policy="none")
 
 
+def _last_position_logits(next_fun, args, kwargs, context):
+    """Method interceptor: the LM head (or the tied embedding's `attend`) sees only the last
+    position. Prefill needs no other logits, and XLA would otherwise materialise all of them:
+    [rows, bucket, vocab] fp32 (measured: 1.05 GB of temporaries for 16 x 512 x 32000)."""
+    path = context.module.scope.path if context.module.scope is not None else ()
+    if (path == ("lm_head",) and context.method_name == "__call__") or (
+            path == ("embed",) and context.method_name == "attend"):
+        return next_fun(args[0][:, -1:], *args[1:], **kwargs)
+    return next_fun(*args, **kwargs)
+
+
 def make_prefill(cfg, cache_len: int):
     """(params, batch arrays, sampling) -> decode state after the first new token (the buffer of
     new tokens is cache_len wide, so the decode program depends on cache_len alone)."""
     model = Transformer(decode_config(cfg, cache_len), decode=True)
 
     def prefill(params, tokens, positions, segments, lengths, row_ids, valid, seed, sampling, stop_ids):
-        (logits, _), variables = model.apply({"params": params}, tokens, positions, segments, mutable=["cache"])
+        with nn.intercept_methods(_last_position_logits):
+            (logits, _), variables = model.apply({"params": params}, tokens, positions, segments, mutable=["cache"])
         token = _pick(logits[:, -1], seed, row_ids, 0, sampling)
         out = jnp.zeros((tokens.shape[0], cache_len), jnp.int32).at[:, 0].set(token)
         return {"cache": variables["cache"], "token": token, "pos": lengths, "out": out,
