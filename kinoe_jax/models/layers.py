@@ -11,10 +11,15 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kinoe_jax.models import lora as lora_lib
 from kinoe_jax.models.attention import attend, attention_mask, causal_attention, training_attention
 from kinoe_jax.models.config import ModelConfig
+
+
+# The remat name of an adapted projection's output (decoder.REMAT's dots policies keep it).
+LORA_OUTPUT = "lora_output"
 
 
 def _init(cfg: ModelConfig, axes):
@@ -55,7 +60,7 @@ class Proj(nn.Module):
         y = x2 @ kernel.astype(dtype).reshape(n_in, n_out)
         lora = self.cfg.lora
         if self.lora_enabled and lora is not None and self.name in lora.targets:
-            y = y + self._adapter(x2, shape, lora)
+            y = checkpoint_name(y + self._adapter(x2, shape, lora), LORA_OUTPUT)
         return y.reshape(*lead, *self.features)
 
     def _adapter(self, x2, shape, lora):
