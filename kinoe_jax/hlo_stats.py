@@ -268,7 +268,7 @@ def _dot_flops(ins: Instr, shapes: dict) -> float:
     if not out:
         return 0.0
     out_elems = math.prod(out[0][1])
-    if ins.opcode == "dot":
+    if ins.opcode in ("dot", "ragged-dot"):
         lhs = _arrays(shapes.get(ins.operands[0], ""))
         dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
         if not lhs or not dims:

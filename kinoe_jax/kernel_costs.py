@@ -117,7 +117,7 @@ def price(custom_calls: dict, call_operands: dict, cfg) -> list[KernelCost]:
 
 def unpriced(custom_calls: dict) -> list[str]:
     """Custom calls that do work but have no price here (so a report can say so)."""
-    bookkeeping = ("AllocateBuffer", "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape",
+    bookkeeping = ("AllocateBuffer", "PrepareAsyncCall", "Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape",
                    "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked", "MoveToHost", "MoveToDevice",
                    "__cublas", "cu_threefry", "LayoutConstraint", "X64Combine", "X64SplitLow", "X64SplitHigh")
     return sorted(n for n in custom_calls

@@ -64,3 +64,19 @@ def test_training_step_compiles_with_cudnn_for_8_h100s():
     targets = set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
     assert {"__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"} <= targets, targets
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_accelerator_benchmark_refuses_a_cpu():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench",
+                        "bench_accelerator.py")
+    spec = importlib.util.spec_from_file_location("bench_accelerator", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match="measures a GPU or TPU, and JAX sees only 'cpu' devices"):
+        bench.main(["--steps=1"])
+    names = list(bench.variants("gpu", ModelConfig(hidden_size=2048, intermediate_size=5632, num_heads=16)))
+    assert names == ["dense attention=cudnn", "dense attention=blocked", "moe8 top-2 moe_impl=ragged",
+                     "moe8 top-2 moe_impl=blocks"]

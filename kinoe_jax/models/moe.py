@@ -123,10 +123,8 @@ def _dropless(cfg: ModelConfig, xg, gate_w, experts, valid, weights):
         experts, valid)
     xr = jax.vmap(K.dispatch)(xg, plan.row_token)  # [G, rows, E], sorted by expert
     weights = _gathered(weights)
-    if impl == "ragged":
-        yr = K.ragged_ffn(xr, plan.counts, *weights)
-    elif impl == "gmm":
-        yr = _gmm_per_device(xr, plan.counts, weights)
+    if impl in ("ragged", "gmm"):
+        yr = _grouped_per_device(impl, xr, plan.counts, weights)
     else:
         nb = rows // block
         xb = xr.reshape(groups, nb, block, e).transpose(1, 0, 2, 3)
@@ -135,17 +133,22 @@ def _dropless(cfg: ModelConfig, xg, gate_w, experts, valid, weights):
     return jax.vmap(K.combine)(yr, gate_w, plan.slot_row)
 
 
-def _gmm_per_device(xr, counts, weights):
-    """The megablox kernel sees one device's arrays: run it under shard_map, each device on its
-    own token groups (the batch shards) with the gathered expert weights. Under tensor
-    parallelism every device holds a slice of the FFN width, so the down projection's partial
-    sums are added over that axis."""
+def _grouped_per_device(impl: str, xr, counts, weights):
+    """The grouped-matmul kernels take one 2-D block of rows: run them per device under
+    shard_map, each device on its own token groups (the batch shards) with the gathered expert
+    weights. (The TPU compiler rejects a ragged dot with a batch dimension, which vmap over the
+    groups would give it.) Under tensor parallelism every device holds a slice of the FFN
+    width, so the down projection's partial sums are added over that axis."""
     from kinoe_jax.platform import mesh_platform  # noqa: PLC0415
 
-    interpret = mesh_platform() != "tpu"
+    if impl == "gmm":
+        interpret = mesh_platform() != "tpu"
+        ffn = lambda x, sizes, wg, wu, wo: K.gmm_ffn(x, sizes, wg, wu, wo, interpret)  # noqa: E731
+    else:
+        ffn = K.ragged_ffn
 
     def run(x, sizes, wg, wu, wo):
-        return jax.lax.map(lambda a: K.gmm_ffn(a[0], a[1], wg, wu, wo, interpret), (x, sizes))
+        return jax.lax.map(lambda a: ffn(a[0], a[1], wg, wu, wo), (x, sizes))
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:

@@ -259,16 +259,12 @@ block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
 
 
 def ragged_ffn(rows, group_sizes, wi_gate, wi_up, wo):
-    """rows [G, R, E] sorted by expert, group_sizes [G, X]; rows past the groups come out zero."""
+    """rows [R, E] of ONE group sorted by expert, group_sizes [X]; rows past the groups come out
+    zero."""
     dt = rows.dtype
-    g = rows.shape[0]
-    ws = [jnp.broadcast_to(w.astype(dt), (g,) + w.shape) for w in (wi_gate, wi_up, wo)]
-
-    def one(x, sizes, wg, wu, wo_):
-        h = jax.nn.silu(jax.lax.ragged_dot(x, wg, sizes)) * jax.lax.ragged_dot(x, wu, sizes)
-        return jax.lax.ragged_dot(h, wo_, sizes)
-
-    return jax.vmap(one)(rows, group_sizes, *ws)
+    h = (jax.nn.silu(jax.lax.ragged_dot(rows, wi_gate.astype(dt), group_sizes))
+         * jax.lax.ragged_dot(rows, wi_up.astype(dt), group_sizes))
+    return jax.lax.ragged_dot(h, wo.astype(dt), group_sizes)
 
 
 GMM_TILING = (512, 1024, 1024)  # rows, contraction, output tile of the megablox kernel

@@ -30,13 +30,13 @@ CONFIGS = [
 GIB = 1024 ** 3
 
 
-def run_one(name, preset, mesh, devices, seq_len, batch, extra, count_flops: bool) -> dict:
+def run_one(name, preset, mesh, devices, seq_len, batch, extra) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "fit.json")
         cmd = [sys.executable, "-m", "kinoe_jax.aot", f"--gin_file=gin_configs/models/{preset}.gin",
                f"--gin_file=gin_configs/mesh/{mesh}.gin", f"--num_devices={devices}", f"--seq_len={seq_len}",
                f"--global_batch={batch}", "--accelerator=h100", f"--json_out={out}"]
-        cmd += [f"--gin_bindings={b}" for b in extra] + ([] if count_flops else ["--skip_flop_count"])
+        cmd += [f"--gin_bindings={b}" for b in extra]
         env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
         env.pop("XLA_FLAGS", None)
         t = time.perf_counter()
@@ -57,8 +57,7 @@ def table(rows: list[dict]) -> str:
             "(formula) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        flops = (f"{r['flops_compiled']:.3g} ({r['flops_formula']:.3g})" if r.get("flops_compiled")
-                 else f"- ({r['flops_formula']:.3g})")
+        flops = f"{r['flops_compiled']:.3g} ({r['flops_formula']:.3g})"
         lines.append(
             f"| {r['name']} | {r['num_devices']} | {r['global_batch']} x {r['seq_len']} | "
             f"{r['compile_s']:.0f} ({r['compile_cpu_s']:.0f}) | {r['params_bytes'] / GIB:.2f} | "
@@ -70,14 +69,13 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="run only configurations whose name contains this")
-    parser.add_argument("--no_flops", action="store_true", help="skip the FLOP-count compiles")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
     args = parser.parse_args()
     rows = []
     for cfg in CONFIGS:
         if args.only and args.only not in cfg[0]:
             continue
-        rows.append(run_one(*cfg, count_flops=not args.no_flops))
+        rows.append(run_one(*cfg))
     print(table(rows))
     if args.out:
         tmp = args.out + ".tmp"

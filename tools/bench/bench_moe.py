@@ -1,6 +1,7 @@
 """Training-step cost of the sparse MoE against a dense model with the same active parameters.
 
     python tools/bench/bench_moe.py [--batch=16] [--seq_len=128] [--rounds=7]
+    python tools/bench/bench_moe.py --target=v5p-16 [--impls=ragged,gmm] [--layers=2] [--per_device=1]
 
 Every model has the tiny_ja shapes (hidden 256, 4 layers, vocab 4000); the dense one has an FFN
 of 704, each expert 352, so top-2 activates the same 704 per token. Variants:
@@ -72,12 +73,46 @@ def build(cfg: ModelConfig, batch: int, seq_len: int):
     return step, state, micro, time.perf_counter() - t
 
 
+def compiled_on(target: str, impls: list[str], layers: int, seq_len: int, per_device: int) -> None:
+    """Mixtral-8x7B layers compiled by the target's own compiler with each dropless kernel: the
+    compiled figures (memory, FLOPs with each kernel's own cost, roofline time) side by side."""
+    from kinoe_jax import chips
+    from kinoe_jax.aot import GIB, fit_report
+    from kinoe_jax.parallel.mesh import make_mesh
+
+    tgt = chips.target(target)
+    mesh = make_mesh(data=1, fsdp=-1, devices=tgt.devices())
+    base = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=layers, num_heads=32,
+                       num_kv_heads=8, max_seq_len=seq_len, num_experts=8, num_experts_per_tok=2, dtype="bfloat16",
+                       remat_policy="dots_no_batch")
+    print(f"{tgt.describe()}: Mixtral-8x7B shapes, {layers} layers, {per_device} x {seq_len} tokens per device\n")
+    print("| moe_impl | compile s | temporaries GiB/dev | total GiB/dev | matmul FLOPs (HLO) | kernel FLOPs "
+          "(priced) | compiled/formula | roofline s | kernels |\n|---|---|---|---|---|---|---|---|---|")
+    for impl in impls:
+        r = fit_report(dataclasses.replace(base, moe_impl=impl), mesh, seq_len, per_device * mesh.size,
+                       device_memory_gb=tgt.chip.memory_gb, peak_tflops=tgt.chip.peak_tflops,
+                       hbm_gbps=tgt.chip.hbm_gbps, target=tgt.name)
+        kernels = ", ".join(f"{k['name']} x{k['calls']:.0f}" for k in r.kernels)
+        print(f"| {impl} | {r.compile_s:.0f} | {r.temp_bytes / GIB:.2f} | {r.total_bytes / GIB:.2f} | "
+              f"{r.matmul_flops:.3e} | {r.kernel_flops:.3e} | {r.flops_compiled / r.flops_formula:.2f} | "
+              f"{r.roofline_s:.3f} | {kernels} |", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--target", default=None,
+                        help="instead of timing on this CPU, compile Mixtral layers for this slice (e.g. v5p-16)")
+    parser.add_argument("--impls", default="ragged,gmm", help="with --target: the dropless kernels to compare")
+    parser.add_argument("--layers", type=int, default=2, help="with --target: layers compiled")
+    parser.add_argument("--target_seq_len", type=int, default=4096, help="with --target: sequence length")
+    parser.add_argument("--per_device", type=int, default=1, help="with --target: sequences per device")
     args = parser.parse_args(argv)
+    if args.target:
+        compiled_on(args.target, args.impls.split(","), args.layers, args.target_seq_len, args.per_device)
+        return
 
     chosen = default_impl()
     others = [i for i in ("dense", "ragged", "blocks") if i != chosen]

@@ -1,0 +1,168 @@
+"""The table that chooses the presets' defaults: models x sequence x slice x remat x attention x
+batch, each compiled by the chip's own compiler (python -m kinoe_jax.aot --target=...).
+
+    python tools/bench/sweep_chips.py --out runs/sweep_chips.json [--only mistral_7b] [--table]
+
+Every configuration is one `kinoe_jax.aot` process (a compile frees its memory when the process
+ends); results are appended to --out as they come (rewritten atomically), and a rerun skips the
+configurations already there, so an interrupted sweep loses nothing. `--table` prints the
+markdown table of what --out holds. Layers are scanned, so a full-depth compile costs about what
+a two-layer one does: every row is the real depth, nothing is extrapolated.
+
+The plan below is pruned by hand, from rows already measured: the blocked attention is compiled
+once per platform (it never beats the chip kernels), remat "none" once (it cannot hold 7B-class
+activations at these lengths), and each remat policy is tried at the batches around where it
+stops fitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GIB = 1024 ** 3
+
+# (model preset, seq_len, target, remat, attention, sequences per device)
+PLAN = [
+    # The goals first: mistral_7b at 4096 on 8 v5p chips (8 per device) and on 8 H100s (4 per device).
+    ("mistral_7b", 4096, "v5p-16", "dots_no_batch", "auto", 4),
+    ("mistral_7b", 4096, "v5p-16", "full", "auto", 8),
+    ("mistral_7b", 4096, "h100-8", "full", "auto", 4),
+    ("mistral_7b", 4096, "v5p-16", "dots_no_batch", "blocked", 4),
+    ("mistral_7b", 4096, "h100-8", "dots_no_batch", "auto", 2),
+    ("mistral_7b", 4096, "v5p-8", "full", "auto", 8),
+    ("mistral_7b", 4096, "v5p-16", "dots", "auto", 4),
+    ("mistral_7b", 4096, "v5p-16", "full", "auto", 16),
+    ("mistral_7b", 4096, "v5p-16", "none", "auto", 1),
+    ("mistral_7b", 4096, "h100-8", "dots_no_batch", "blocked", 2),
+    ("mistral_7b", 4096, "h100-8", "full", "auto", 8),
+    ("mistral_7b", 4096, "v5p-64", "full", "auto", 8),
+    ("mistral_7b", 4096, "v5p-8", "dots_no_batch", "auto", 2),
+    ("mistral_7b", 2048, "v5p-8", "full", "auto", 16),
+    ("mistral_7b", 2048, "v5p-8", "dots_no_batch", "auto", 4),
+    ("mistral_7b", 2048, "h100-8", "full", "auto", 8),
+    ("mistral_7b", 2048, "v5p-32", "dots_no_batch", "auto", 8),
+    # kinoe_9b: the team's model (its own sequence is 2048).
+    ("kinoe_9b", 2048, "v5p-8", "dots_no_batch", "auto", 4),
+    ("kinoe_9b", 2048, "v5p-8", "full", "auto", 16),
+    ("kinoe_9b", 2048, "h100-8", "full", "auto", 8),
+    ("kinoe_9b", 2048, "h100-8", "dots_no_batch", "auto", 4),
+    ("kinoe_9b", 2048, "v5p-32", "dots_no_batch", "auto", 8),
+    ("kinoe_9b", 4096, "v5p-8", "full", "auto", 8),
+    ("kinoe_9b", 4096, "h100-8", "full", "auto", 4),
+    ("kinoe_9b", 4096, "v5p-32", "dots_no_batch", "auto", 4),
+    # mixtral_8x7b: 47B parameters, so 8 chips hold little more than the state.
+    ("mixtral_8x7b", 4096, "v5p-32", "full", "auto", 4),
+    ("mixtral_8x7b", 4096, "v5p-32", "dots_no_batch", "auto", 2),
+    ("mixtral_8x7b", 4096, "h100-8", "full", "auto", 1),
+    ("mixtral_8x7b", 4096, "v5p-16", "full", "auto", 2),
+    ("mixtral_8x7b", 4096, "v5p-128", "dots_no_batch", "auto", 4),
+    ("mixtral_8x7b", 2048, "v5p-32", "full", "auto", 8),
+    ("mixtral_8x7b", 2048, "v5p-128", "dots_no_batch", "auto", 8),
+]
+
+
+def key(row) -> str:
+    return "/".join(str(x) for x in row)
+
+
+def devices_of(target: str) -> int:
+    sys.path.insert(0, REPO)
+    from kinoe_jax.chips import target as parse
+
+    return parse(target).num_devices
+
+
+def run_one(row) -> dict:
+    model, seq, target, remat, attention, per_device = row
+    n = devices_of(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "fit.json")
+        cmd = [sys.executable, "-m", "kinoe_jax.aot", f"--gin_file=gin_configs/models/{model}.gin",
+               "--gin_file=gin_configs/mesh/fsdp.gin", f"--target={target}", f"--seq_len={seq}",
+               f"--global_batch={per_device * n}", f"--json_out={out}",
+               f"--gin_bindings=ModelConfig.remat_policy = '{remat}'",
+               f"--gin_bindings=ModelConfig.attention_impl = '{attention}'",
+               f"--gin_bindings=ModelConfig.max_seq_len = {max(seq, 4096)}"]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode not in (0, 1) or not os.path.exists(out):
+            tail = "\n".join(proc.stderr.splitlines()[-5:])
+            return dict(key=key(row), row=list(row), error=f"exit {proc.returncode}: {tail}", process_wall_s=wall)
+        with open(out, encoding="utf-8") as f:
+            fig = json.load(f)
+    for drop in ("model",):
+        fig.pop(drop, None)
+    fig.update(key=key(row), row=list(row), per_device=per_device, process_wall_s=wall)
+    return fig
+
+
+def load(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save(path: str, rows: list) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def table(rows: list) -> str:
+    head = ("| model | seq | slice | remat | attention | seq/dev | fits | GiB/dev (% HBM) | compiled/formula FLOPs "
+            "| collectives GiB/dev (x FSDP ideal) | roofline s/step | tokens/s/chip (bound) | MFU bound |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        model, seq, target, remat, attention, per_device = r["row"]
+        if "error" in r:
+            lines.append(f"| {model} | {seq} | {target} | {remat} | {attention} | {per_device} | error | "
+                         f"{r['error'].splitlines()[-1][:80]} | | | | | |")
+            continue
+        coll = sum(r["collective_bytes"].values())
+        ideal = f" ({coll / r['fsdp_ideal_bytes']:.2f}x)" if r.get("fsdp_ideal_bytes") else ""
+        attn = r["kernels"][0]["name"].split("_")[0].lstrip("_") if r["kernels"] else "blocked"
+        tps = r.get("tokens_per_sec_per_device")
+        lines.append(
+            f"| {model} | {seq} | {target} | {remat} | {attn} | {per_device} | {'yes' if r['fits'] else '**no**'} "
+            f"| {r['total_bytes'] / GIB:.1f} ({r['memory_fraction']:.0%}) "
+            f"| {r['flops_compiled'] / r['flops_formula']:.2f} | {coll / GIB:.1f}{ideal} "
+            f"| {r['roofline_s']:.2f} | {tps:,.0f} | {r['estimated_mfu']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="results JSON (appended to, rewritten atomically)")
+    parser.add_argument("--only", default=None, help="only rows whose key contains this")
+    parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    args = parser.parse_args()
+    rows = load(args.out)
+    if args.table:
+        print(table(rows))
+        return 0
+    for row in PLAN:
+        rows = load(args.out)  # read again: rows may have been added since
+        if key(row) in {r["key"] for r in rows} or (args.only and args.only not in key(row)):
+            continue
+        result = run_one(row)
+        rows = load(args.out) + [result]
+        save(args.out, rows)
+        status = result.get("error") or (f"{result['total_bytes'] / GIB:.1f} GiB, fits {result['fits']}, "
+                                         f"{result['compile_s']:.0f} s compile")
+        print(f"{key(row)}: {status}", flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
