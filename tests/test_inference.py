@@ -184,3 +184,23 @@ def test_prompts_longer_than_the_context(caplog):
     assert out[1].ids == out[2].ids
     with pytest.raises(PromptTooLong):
         engine.generate([short], 32)  # no room left for the prompt at all
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["lora", "moe"])
+def test_models_with_adapters_or_experts_decode_as_they_compute(variant):
+    """The engine builds the model from the config it is given: LoRA adapters (nonzero, so they
+    change the answer) and Mixtral experts take part in every step."""
+    from kinoe_jax.models.lora import LoraConfig
+
+    cfg = (dataclasses.replace(CFG, lora=LoraConfig(rank=4)) if variant == "lora"
+           else dataclasses.replace(CFG, num_experts=4, num_experts_per_tok=2))
+    params = _params(cfg)
+    if variant == "lora":
+        params = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.3 if "lora_b" in jax.tree_util.keystr(p) else x,
+                                                  params)
+    prompts = _prompts([3, 11, 1, 26, 7])
+    out = [c.ids for c in Engine(cfg, params, batch_size=8).generate(prompts, 6, stop_ids=())]
+    assert out == _greedy_without_cache(cfg, params, prompts, 6)
+    if variant == "lora":  # the adapters matter: the base model answers otherwise
+        assert out != _greedy_without_cache(dataclasses.replace(cfg, lora=None), params, prompts, 6)
