@@ -18,7 +18,7 @@ from kinoe_jax.inference import Engine, load_for_inference, use_workdir_tokenize
 from kinoe_jax.inference.sampling import filter_top_p as _filter_top_p  # noqa: F401  (the one top-p filter)
 from kinoe_jax.models import ModelConfig
 
-__all__ = ["generate_ids", "generate_text", "generate_chat", "load_for_inference"]
+__all__ = ["generate_ids", "generate_text", "generate_texts", "generate_chat", "generate_chats", "load_for_inference"]
 
 
 def generate_ids(cfg: ModelConfig, params, prompt_ids: list[int], max_new_tokens: int = 64,
@@ -59,9 +59,6 @@ def generate_chats(cfg: ModelConfig, params, conversations: list[list[dict]], ma
     engine = engine or Engine(cfg, params, vocab=vocab)
     out = engine.generate(ids, max_new_tokens, stop_ids=(end_id(vocab), EOS_ID), **kwargs)
     return [c.text for c in out]
-
-
-_use_workdir_tokenizer = use_workdir_tokenizer  # the name kinoe_jax.sft.mt_bench used
 
 
 def main(argv=None):
