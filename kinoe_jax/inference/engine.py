@@ -137,13 +137,12 @@ class Engine:
                                                 out_shardings=self._state_shardings()), args)
         state = prefill(*args)
         n = 1
-        texts: dict[int, str] = {}
         while True:
             done, n = np.asarray(state["done"]), int(state["n"])
             if stop_strings:  # the host reads the text so far; rows that reached a stop string are done
                 out = np.asarray(state["out"])
-                hit = [r for r in range(len(prompts)) if not done[r] and self._stop_text(out[r, :n], stop_ids,
-                                                                                         stop_strings, texts, r)]
+                hit = [r for r in range(len(prompts))
+                       if not done[r] and self._reached_stop_string(out[r, :n], stop_ids, stop_strings)]
                 if hit:
                     done = done.copy()
                     done[hit] = True
@@ -159,10 +158,9 @@ class Engine:
         out = np.asarray(state["out"])[:, :n]
         return [self._completion(out[r], stop_ids, stop_strings) for r in range(len(prompts))]
 
-    def _stop_text(self, ids, stop_ids, stop_strings, texts, row) -> bool:
-        ids = _cut_at_stop(ids, stop_ids)
-        texts[row] = self.vocab.decode(ids.tolist())
-        return any(s in texts[row] for s in stop_strings)
+    def _reached_stop_string(self, ids, stop_ids, stop_strings) -> bool:
+        text = self.vocab.decode(_cut_at_stop(ids, stop_ids).tolist())
+        return any(s in text for s in stop_strings)
 
     def _completion(self, ids, stop_ids, stop_strings) -> Completion:
         cut = _cut_at_stop(ids, stop_ids)
