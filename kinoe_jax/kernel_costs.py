@@ -108,7 +108,9 @@ def price(custom_calls: dict, call_operands: dict, cfg) -> list[KernelCost]:
         elif name.startswith("__cudnn$fmha"):
             # cuDNN skips fully masked tiles of its own (128 x 128 here) under the causal rule.
             cost = _attention(name, calls, shapes, cfg, (128, 128), False, split_dq)
-        elif name.startswith(("gmm", "tgmm")):
+        elif name.startswith(("gmm", "tgmm")) or (name.startswith("ragged-dot") and "metadata" not in name):
+            # megablox, or XLA's own TPU kernel for jax.lax.ragged_dot (forward and input gradient;
+            # the weight gradient it lowers as a dense convolution, which the HLO count sees).
             cost = _grouped_matmul(name, calls, shapes)
         if cost is not None:
             out.append(cost)
@@ -121,4 +123,5 @@ def unpriced(custom_calls: dict) -> list[str]:
                    "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked", "MoveToHost", "MoveToDevice",
                    "__cublas", "cu_threefry", "LayoutConstraint", "X64Combine", "X64SplitLow", "X64SplitHigh")
     return sorted(n for n in custom_calls
-                  if not n.startswith(("splash", "__cudnn$fmha", "gmm", "tgmm")) and not n.startswith(bookkeeping))
+                  if not n.startswith(("splash", "__cudnn$fmha", "gmm", "tgmm", "ragged-dot"))
+                  and not n.startswith(bookkeeping))

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kinoe_jax.chips import CHIPS, chip_for_device_kind
+
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per chip, for MFU.
-PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5p": 459e12, "v5e": 197e12,
-              "v5 lite": 197e12, "v4": 275e12, "v6e": 918e12}
+# Dense bf16 peak FLOP/s per chip, for MFU (the figures live in kinoe_jax/chips.py).
+PEAK_FLOPS = {name: chip.peak_flops for name, chip in CHIPS.items()}
 
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
@@ -36,11 +37,8 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
 def peak_flops_per_device(override: float | None = None) -> float:
     if override:
         return override
-    kind = jax.devices()[0].device_kind.lower()
-    for key, value in PEAK_FLOPS.items():
-        if key in kind:
-            return value
-    return measure_matmul_peak()
+    chip = chip_for_device_kind(jax.devices()[0].device_kind)  # "TPU v5" is a v5p
+    return chip.peak_flops if chip else measure_matmul_peak()
 
 
 @gin.configurable

@@ -122,7 +122,10 @@ def table(rows: list) -> str:
     head = ("| model | seq | slice | remat | attention | seq/dev | fits | GiB/dev (% HBM) | compiled/formula FLOPs "
             "| collectives GiB/dev (x FSDP ideal) | roofline s/step | tokens/s/chip (bound) | MFU bound |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    good = {r["key"] for r in rows if "error" not in r}
     for r in rows:
+        if "error" in r and r["key"] in good:
+            continue  # a failed try that a later run of the same row replaced
         model, seq, target, remat, attention, per_device = r["row"]
         if "error" in r:
             lines.append(f"| {model} | {seq} | {target} | {remat} | {attention} | {per_device} | error | "
@@ -130,7 +133,9 @@ def table(rows: list) -> str:
             continue
         coll = sum(r["collective_bytes"].values())
         ideal = f" ({coll / r['fsdp_ideal_bytes']:.2f}x)" if r.get("fsdp_ideal_bytes") else ""
-        attn = r["kernels"][0]["name"].split("_")[0].lstrip("_") if r["kernels"] else "blocked"
+        names = [k["name"] for k in r["kernels"]]
+        attn = ("splash" if any(n.startswith("splash") for n in names) else
+                "cudnn" if any(n.startswith("__cudnn") for n in names) else "blocked")
         tps = r.get("tokens_per_sec_per_device")
         lines.append(
             f"| {model} | {seq} | {target} | {remat} | {attn} | {per_device} | {'yes' if r['fits'] else '**no**'} "
