@@ -160,6 +160,15 @@ def test_block_reads_and_unscanned_layouts(ckpt, tmp_path):
     assert result.verification["ok"]
 
 
+def test_relative_checkpoint_path_as_the_readme_writes_it(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--checkpoint_dir=run/checkpoints`, relative to where it runs
+    whole, relative = tmp_path / "whole", tmp_path / "relative"
+    convert_to_hf(str(ckpt / "checkpoints"), str(whole), progress=False)
+    convert_to_hf("run/checkpoints", "relative", progress=False)
+    for name in os.listdir(whole):
+        assert (whole / name).read_bytes() == (relative / name).read_bytes(), name
+
+
 def test_import_params_only(ckpt, tmp_path):
     hf = tmp_path / "hf"
     convert_to_hf(str(ckpt / "checkpoints"), str(hf), progress=False)

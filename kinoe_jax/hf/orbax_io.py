@@ -31,6 +31,8 @@ class CheckpointReader:
     """The params of one step of a kinoe training checkpoint, readable leaf by leaf."""
 
     def __init__(self, checkpoint_dir: str, step: int | None = None):
+        # Orbax finds no tree metadata under a relative path (it then returns None silently).
+        checkpoint_dir = os.path.abspath(checkpoint_dir)
         if not os.path.isdir(checkpoint_dir):
             raise ConversionError(f"checkpoint directory {checkpoint_dir} does not exist")
         try:
