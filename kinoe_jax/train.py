@@ -33,6 +33,7 @@ from kinoe_jax import optim
 from kinoe_jax.config_io import ConfigError, load_gin, write_operative_config
 from kinoe_jax.data import pipeline, tasks
 from kinoe_jax.data.vocab import get_vocabulary, tokenizer_path
+from kinoe_jax.eval.downstream import downstream_eval
 from kinoe_jax.metrics import MetricsWriter, flatten as flatten_metrics, peak_flops_per_device, plot_loss, read_metrics
 from kinoe_jax.models import ModelConfig, Transformer
 from kinoe_jax.objectives import CausalLM, RunInfo
@@ -200,8 +201,8 @@ def resolve_model_config(model_config, lora, overrides, init_dir, init_step) -> 
 @gin.configurable
 def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.DataConfig = None,
           checkpointing: ckpt.CheckpointConfig = None, objective=None, lora=None, model_overrides: dict | None = None,
-          total_steps: int = 300, log_every: int = 10, eval_every: int = 100, seed: int = 0, zero1: bool = False,
-          register_tasks=tasks.register_builtin, sample_prompt: str = "日本の四季について", sample_tokens: int = 40):
+          total_steps: int = 300, log_every: int = 10, eval_every: int = 100, downstream_eval_every: int = 0,
+          seed: int = 0, zero1: bool = False, register_tasks=tasks.register_builtin, sample_prompt: str = "日本の四季について", sample_tokens: int = 40):
     objective = objective or CausalLM()
     data = data or pipeline.DataConfig()
     checkpointing = checkpointing or ckpt.CheckpointConfig()
@@ -209,7 +210,8 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
     init_dir = os.path.abspath(init_dir) if init_dir else None
     model_config = resolve_model_config(model_config, lora, model_overrides, init_dir, init_step)
     validation.validate_run(model_config, data, checkpointing, total_steps=total_steps, log_every=log_every,
-                            eval_every=eval_every, config_str=gin.config_str())
+                            eval_every=eval_every, downstream_eval_every=downstream_eval_every,
+                            config_str=gin.config_str())
     os.makedirs(workdir, exist_ok=True)
 
     mesh = make_mesh()
@@ -296,15 +298,19 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
             guard.after_step(done, metrics)  # counts skipped steps and spikes; watchdog heartbeat
             if done == start + 1:
                 write_operative_config(workdir)
-            if done % log_every == 0 or done == total_steps or done == 1:
+            evaluate = _due(done, eval_every, total_steps)
+            downstream = _due(done, downstream_eval_every, total_steps)
+            if done % log_every == 0 or done == total_steps or done == 1 or evaluate or downstream:
                 metrics = flatten_metrics(jax.device_get(metrics))
                 elapsed = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / elapsed
                 metrics.update(tokens_per_sec=tps, mfu=steps_since * flops_per_step / elapsed / peak)
                 metrics.update(objective.rate_metrics(tps, run))
                 metrics.update(guard.counters())
-                if eval_every and (done % eval_every == 0 or done == total_steps):
+                if evaluate:
                     metrics.update(objective.evaluate(run, models, state["params"], extra))
+                if downstream:  # llm-jp-eval style scores of the live, sharded parameters
+                    metrics.update(downstream_eval(model_config, state["params"], mesh, vocab=vocab))
                 writer.write(done, metrics)
                 writer.progress(done, {label: metrics[key] for label, key in objective.progress_keys.items()})
                 t_last, steps_since = time.perf_counter(), 0
@@ -330,6 +336,10 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
                 print(f"\nsample (greedy) 「{sample_prompt}」→ {text}", flush=True)
     manager.close()
     return state
+
+
+def _due(done: int, every: int, total_steps: int) -> bool:
+    return bool(every) and (done % every == 0 or done == total_steps)
 
 
 def _count(tree) -> int:

@@ -30,6 +30,7 @@ TEST_MODEL = [
     "DataConfig.global_batch = 8",
     "train.log_every = 1",
     "train.eval_every = 0",
+    "train.downstream_eval_every = 0",
     "train.sample_prompt = ''",
     "MetricsWriter.use_wandb = False",
     "MetricsWriter.progress = False",

@@ -84,7 +84,7 @@ def dpo_bindings(reference):
         f"load_params_from.checkpoint_dir = '{reference}'",
         "DataConfig.seq_len = 128",  # keeps about half of the built-in pairs
         "train.model_overrides = {'max_seq_len': 128}",  # the SFT model was made for 64 tokens
-        "train.total_steps = 12", "train.log_every = 1", "train.eval_every = 6",
+        "train.total_steps = 12", "train.log_every = 1", "train.eval_every = 6", "train.downstream_eval_every = 0",
         "CheckpointConfig.save_every = 6", "CheckpointConfig.async_save = False",
         "cosine_schedule.peak_lr = 2e-3", "cosine_schedule.warmup_steps = 2",
         "MetricsWriter.use_wandb = False", "MetricsWriter.progress = False"]

@@ -48,11 +48,18 @@ def test_outputs_of_a_run(tmp_path):
     work = tmp_path / "run"
     rows = run_training(work, ["train.total_steps = 4", "train.eval_every = 4", "CheckpointConfig.save_every = 2",
                                "CheckpointConfig.keep = 1", "train.sample_prompt = '日本'",
-                               "train.sample_tokens = 4"])
+                               "train.sample_tokens = 4", "train.downstream_eval_every = 4",
+                               "downstream_eval.max_samples = 2", "downstream_eval.max_new_tokens = 4",
+                               "downstream_eval.datasets = ('kinoe_arith', 'kinoe_commonsense_mc')"])
     keys = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"}
     assert all(keys <= set(r) for r in rows)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert "eval_loss" in rows[-1] and np.isfinite(rows[-1]["eval_loss"])
+    # Downstream scores of the live parameters at the same step, in the metrics and the plot.
+    downstream = {k for k in rows[-1] if k.startswith("downstream/")}
+    assert {"downstream/kinoe_arith/exact_match_figure", "downstream/kinoe_commonsense_mc/choice_accuracy",
+            "downstream/average"} <= downstream
+    assert 0.0 <= rows[-1]["downstream/average"] <= 1.0 and not any("downstream/" in k for k in rows[-2])
     assert sorted(os.listdir(work / "checkpoints")) == ["4"]  # keep = 1
     config = (work / "config.gin").read_text()
     assert "ModelConfig.hidden_size = 64" in config and "train.total_steps = 4" in config

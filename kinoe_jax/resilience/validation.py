@@ -36,7 +36,7 @@ def find_secrets(config_str: str) -> list[str]:
 
 
 def validate_run(model_config, data, checkpointing, *, total_steps: int, log_every: int, eval_every: int,
-                 config_str: str = "") -> None:
+                 downstream_eval_every: int = 0, config_str: str = "") -> None:
     """Every problem at once, each named by its gin binding."""
     p = []
     if total_steps < 1:
@@ -45,6 +45,8 @@ def validate_run(model_config, data, checkpointing, *, total_steps: int, log_eve
         p.append(f"train.log_every = {log_every} must be >= 1")
     if eval_every < 0:
         p.append(f"train.eval_every = {eval_every} must be >= 0 (0 turns evaluation off)")
+    if downstream_eval_every < 0:
+        p.append(f"train.downstream_eval_every = {downstream_eval_every} must be >= 0 (0 turns it off)")
     if data.seq_len < 2:
         p.append(f"DataConfig.seq_len = {data.seq_len} must be >= 2")
     if data.seq_len > model_config.max_seq_len:
