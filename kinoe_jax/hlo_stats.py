@@ -285,10 +285,15 @@ def _dot_flops(ins: Instr, shapes: dict) -> float:
             return 0.0
         lhs_dims, rhs_dims = lhs[0][1], rhs[0][1]
         lhs_labels, rhs_labels = labels.group(1), labels.group(2)
+        # A batched matmul may also come as a "base-dilated" convolution: batch dims as spatial
+        # dims, the input dilated so each window meets one real element.
+        dilate = re.search(r"lhs_dilate=([0-9x]+)", ins.attrs)
+        dilation = [int(x) for x in dilate.group(1).split("x")] if dilate else []
         macs = rhs_dims[rhs_labels.index("i")] if "i" in rhs_labels else 1
         for pos, label in enumerate(rhs_labels):
             if label.isdigit() and label in lhs_labels:
-                macs *= min(rhs_dims[pos], lhs_dims[lhs_labels.index(label)])
+                d = dilation[int(label)] if int(label) < len(dilation) else 1
+                macs *= min(-(-rhs_dims[pos] // d), lhs_dims[lhs_labels.index(label)])
         return 2.0 * out_elems * macs
     if ins.opcode == "custom-call" and any(t in ins.attrs for t in _GEMM_TARGETS):
         lhs = _arrays(shapes.get(ins.operands[0], ""))

@@ -113,12 +113,17 @@ ENTRY %main (x: f32[8,16]) -> f32[8,16] {
   %init = (s32[], f32[8,16]) tuple(%one, %x)
   %loop = (s32[], f32[8,16]) while(%init), condition=%cond, body=%body
   %ag = f32[64,16] all-gather(%x), replica_groups=[1,8]<=[8], dimensions={0}
+  %a = f32[4,8,16,32] constant({...})
+  %b = f32[4,8,32,24] constant({...})
+  %bmm = f32[4,8,16,24] convolution(%a, %b), window={size=4x8 stride=3x7 lhs_dilate=4x8}, dim_labels=01bf_01io->01bf
   ROOT %out = f32[8,16] get-tuple-element(%loop), index=1
 }
 """
     stats = hlo_stats.analyze(hlo, 8)
     assert stats.loops == 1 and stats.loops_without_trip_count == 0
-    assert stats.matmul_flops == 4 * 2 * 8 * 16 * 16
+    # The loop's dot 4 times, and a batched matmul the TPU compiler writes as a base-dilated
+    # convolution: each output meets one real element per window, 32 multiply-adds.
+    assert stats.matmul_flops == 4 * 2 * 8 * 16 * 16 + 2 * (4 * 8 * 16 * 24) * 32
     assert stats.collective_bytes == {"all-gather": 64 * 16 * 4 * 7 / 8}
 
 
