@@ -44,6 +44,7 @@ PLAN = [
     ("mistral_7b", 4096, "h100-8", "full", "auto", 8),
     ("mistral_7b", 4096, "v5p-64", "full", "auto", 8),
     ("mistral_7b", 4096, "v5p-8", "dots_no_batch", "auto", 2),
+    ("mistral_7b", 4096, "h100-8", "dots_no_batch", "auto", 4),
     ("mistral_7b", 2048, "v5p-8", "full", "auto", 16),
     ("mistral_7b", 2048, "v5p-8", "dots_no_batch", "auto", 4),
     ("mistral_7b", 2048, "h100-8", "full", "auto", 8),
