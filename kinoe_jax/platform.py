@@ -31,6 +31,8 @@ TPU_COMPILE_ONLY_ENV = {
 # NVIDIA driver: only that there is no GPU, which such a machine knows.
 CUDA_ABSENT_NOISE = (b"cudart_stub.cc", b"All log messages before absl::InitializeLog()",
                      b"failed call to cuInit")
+# TensorFlow's import notice: it only reads text here, where oneDNN's rounding is irrelevant.
+TF_IMPORT_NOISE = (b"oneDNN custom operations are on",)
 
 
 def attached_accelerators() -> set[str]:
@@ -75,12 +77,12 @@ def _drop_stderr_lines(patterns):
         os.close(saved)
 
 
-def without_cuda_noise():
+def without_cuda_noise(extra: tuple[bytes, ...] = ()):
     """A context in which loading the CUDA libraries stays quiet where no GPU is attached
-    (wrap TensorFlow's first import and device query with it)."""
+    (wrap TensorFlow's first import and device query with it); `extra`: more lines to drop."""
     if "cuda" in attached_accelerators():
-        return contextlib.nullcontext()
-    return _drop_stderr_lines(CUDA_ABSENT_NOISE)
+        return _drop_stderr_lines(extra) if extra else contextlib.nullcontext()
+    return _drop_stderr_lines(CUDA_ABSENT_NOISE + extra)
 
 
 def setup() -> set[str]:

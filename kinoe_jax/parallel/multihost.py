@@ -184,7 +184,8 @@ def _setup_logging(workdir: str, run: _Run) -> str:
     fmt = logging.Formatter(_LOG_FORMAT.format(pid=run.process_id))
     for h in root.handlers:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-            h.setFormatter(fmt)
+            if not getattr(h, "kinoe_calm", False):  # the calm console prints bare lines
+                h.setFormatter(fmt)
             if run.process_id:
                 h.setLevel(logging.getLevelName(run.cfg.other_console_level.upper()))
     handler = logging.FileHandler(path, encoding="utf-8")  # appends: a resumed run continues its log
