@@ -7,7 +7,7 @@ import os
 import gin
 import jax
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from kinoe_jax.cli import REPO_ROOT
 
 
 class ConfigError(ValueError):
