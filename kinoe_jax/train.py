@@ -19,7 +19,13 @@ import os
 import sys
 import time
 
-import kinoe_jax.data  # noqa: F401  (hides accelerators from TensorFlow before anything else)
+from kinoe_jax import cli
+
+INPUTS = {"--gin_file": cli.gin_file}
+if __name__ == "__main__":  # a bad --gin_file is named before TensorFlow and JAX load
+    cli.precheck(INPUTS)
+
+import kinoe_jax.data  # noqa: F401,E402  (hides accelerators from TensorFlow before anything else)
 
 import flax.linen as nn
 import gin
@@ -378,7 +384,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. gin_configs/runs/tiny_ja.gin)")
-    load_gin(args.gin_file, args.gin_bindings)
+    cli.check_args(parser, args, INPUTS)
+    with cli.reported(parser, ConfigError):
+        load_gin(args.gin_file, args.gin_bindings)
     workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.gin_file[0]))[0])
     multihost.initialize(workdir, **multihost.flag_values(args))  # before anything touches devices
     with multihost.report_errors():
