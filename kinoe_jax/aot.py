@@ -343,6 +343,9 @@ def main(argv=None) -> int:
         parser.error("at least one --gin_file is required (e.g. gin_configs/models/mistral_7b.gin)")
     if sum(x is not None for x in (args.target, args.num_devices, args.tpu_topology)) > 1:
         parser.error("give one of --target, --num_devices, --tpu_topology")
+    from kinoe_jax import cli
+
+    cli.check_args(parser, args, {"--gin_file": cli.gin_file})
 
     from kinoe_jax import chips
 
@@ -360,12 +363,13 @@ def main(argv=None) -> int:
 
     import kinoe_jax.data  # noqa: F401  (hides accelerators from TensorFlow)
     from kinoe_jax import train as _train  # noqa: F401  (registers train.* for run gin files)
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.config_io import ConfigError, load_gin
     from kinoe_jax.data.pipeline import DataConfig
     from kinoe_jax.models import ModelConfig
     from kinoe_jax.parallel.mesh import make_mesh
 
-    load_gin(args.gin_file, args.gin_bindings)
+    with cli.reported(parser, ConfigError):
+        load_gin(args.gin_file, args.gin_bindings)
     model_cfg = ModelConfig()
     data = DataConfig()
     seq_len = args.seq_len or data.seq_len

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from kinoe_jax.objectives.dpo import BUILTIN_PREFERENCES, dpo_terms, pair_logps, step_indices  # noqa: F401
-from kinoe_jax.train import main
+from kinoe_jax import cli
+
+if __name__ == "__main__":  # a bad --gin_file is named before TensorFlow and JAX load
+    cli.precheck({"--gin_file": cli.gin_file})
+
+from kinoe_jax.objectives.dpo import BUILTIN_PREFERENCES, dpo_terms, pair_logps, step_indices  # noqa: F401,E402
+from kinoe_jax.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

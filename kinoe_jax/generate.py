@@ -8,10 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import kinoe_jax.data  # noqa: F401  (hides accelerators from TensorFlow)
+from kinoe_jax import cli
+
+INPUTS = {"--workdir": cli.directory, "--checkpoint": cli.directory, "--prompt": cli.text_arg, "--system": cli.text_arg}
+if __name__ == "__main__":  # a bad path or prompt is named before TensorFlow and JAX load
+    cli.precheck(INPUTS)
+
+import kinoe_jax.data  # noqa: F401,E402  (hides accelerators from TensorFlow)
 
 from kinoe_jax.data.vocab import BOS_ID, EOS_ID, get_vocabulary
 from kinoe_jax.inference import Engine, load_for_inference, use_workdir_tokenizer
@@ -78,11 +83,11 @@ def main(argv=None):
                         "print the assistant's reply (up to <|end|>)")
     parser.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, INPUTS)
     path = args.workdir or args.checkpoint
-    if not os.path.exists(path):
-        parser.error(f"{path} does not exist")
     use_workdir_tokenizer(path)
-    cfg, params = load_for_inference(path, args.step)
+    with cli.reported(parser, FileNotFoundError):  # a directory holding no checkpoint (or not that --step)
+        cfg, params = load_for_inference(path, args.step)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
         if args.chat:

@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    from kinoe_jax import cli
+
+    cli.check_args(parser, args, {"--hf_dir": cli.directory, "--gin_file": cli.gin_file})
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from kinoe_jax.hf.importer import convert_from_hf

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
                         help="with --lora=adapter: the HF model (directory or hub name) the adapter is loaded onto")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    from kinoe_jax import cli
+
+    cli.check_args(parser, args, {"--checkpoint_dir": cli.directory, "--tokenizer": cli.data_file})
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; leave accelerators alone
     from kinoe_jax.hf.export import convert_to_hf

@@ -53,24 +53,31 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=16, help="with --workdir/--checkpoint: questions per batch")
     args = parser.parse_args(argv)
 
+    from kinoe_jax import cli
+
+    source_flag = "--hf_dir" if args.hf_dir else "--workdir" if args.workdir else "--checkpoint"
+    source = args.hf_dir or args.workdir or args.checkpoint
+    with cli.reported(parser):  # before the model code loads
+        cli.text_file("--question_file", args.question_file)
+        cli.directory(source_flag, source)
+
     from kinoe_jax.sft import mt_bench
 
-    try:
+    with cli.reported(parser, mt_bench.QuestionError):
         questions = mt_bench.load_questions(args.question_file)
-    except (mt_bench.QuestionError, OSError) as e:
-        parser.error(str(e))
     if args.first_n:
         questions = questions[: args.first_n]
-    source = args.hf_dir or args.workdir or args.checkpoint
-    if not os.path.exists(source):
-        parser.error(f"{source} does not exist")
+    # The model loads before anything is written: a directory holding no checkpoint leaves no bench_dir.
+    with cli.reported(parser, FileNotFoundError):
+        chat = (mt_bench.HFChat(args.hf_dir, args.dtype) if args.hf_dir
+                else mt_bench.KinoeChat(source, args.step, batch_size=args.batch_size))
 
     bench = Path(args.bench_dir)
     bench.mkdir(parents=True, exist_ok=True)
     question_out = bench / "question.jsonl"
     text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions)
     if question_out.exists() and question_out.read_text(encoding="utf-8") != text:
-        parser.error(f"{question_out} holds other questions; use another --bench_dir")
+        cli.fail(parser, f"--bench_dir={args.bench_dir}: {question_out} holds other questions; use another --bench_dir")
     question_out.with_suffix(".tmp").write_text(text, encoding="utf-8")
     os.replace(question_out.with_suffix(".tmp"), question_out)
     refs, missing = mt_bench.references(questions, args.judge_model)
@@ -80,8 +87,6 @@ def main(argv=None) -> int:
         print(f"warning: questions {missing} have no reference; FastChat's judge needs one for their "
               f"categories (add a \"reference\" to them)", file=sys.stderr)
 
-    chat = (mt_bench.HFChat(args.hf_dir, args.dtype) if args.hf_dir
-            else mt_bench.KinoeChat(source, args.step, batch_size=args.batch_size))
     rows = mt_bench.answer(questions, chat, args.model_id, args.max_new_tokens, args.temperature, args.seed)
     out = bench / "model_answer" / f"{args.model_id}.jsonl"
     mt_bench.write_jsonl(str(out), rows)

@@ -14,7 +14,6 @@ refreshed with --write_options_table=docs/tokenizer.md).
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import json
 import os
@@ -23,10 +22,23 @@ import shutil
 import sys
 import tempfile
 import unicodedata
+import zlib
 
 import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kinoe_jax import cli  # noqa: E402
+
+
+def _jsonl_files(flag: str, pattern: str) -> list[str]:
+    return cli.text_files(flag, pattern, cli.JSONL, sniff=True)
+
+
+INPUTS = {"--input": _jsonl_files, "--eval_input": _jsonl_files, "--compare": cli.data_file,
+          "--gin_file": cli.gin_file, "--write_options_table": cli.text_file}
+if __name__ == "__main__":  # a bad path is named before TensorFlow loads
+    cli.precheck(INPUTS)
 
 from kinoe_jax.data.tokenizer_options import OPTIONS, spm_kwargs  # noqa: E402
 from kinoe_jax.data.vocab import BUILTIN_DIR  # noqa: E402
@@ -37,21 +49,24 @@ DEFAULT_OUTPUT = os.path.join(BUILTIN_DIR, "tokenizer", "kinoe_ja")
 BUILTIN_MODEL = DEFAULT_OUTPUT + ".model"
 
 
-def iter_texts(pattern: str, text_field: str):
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise SystemExit(f"train_tokenizer: no file matches {pattern!r}")
+def iter_texts(flag: str, files: list[str], text_field: str):
+    """The `text_field` of every line of `files`; a line that is not UTF-8 JSON with it is an InputError."""
     for path in files:
         opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_field]
-                except (ValueError, KeyError) as e:
-                    raise SystemExit(f"{path}:{lineno}: cannot read field {text_field!r}: {e}") from e
-                yield text
+        lineno = 0
+        try:
+            with opener(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line.decode("utf-8"))[text_field]
+                    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+                        raise cli.InputError(f"{flag}: {path}:{lineno}: cannot read field {text_field!r}: {e}") \
+                            from None
+                    yield text
+        except (OSError, EOFError, zlib.error) as e:  # a cut or corrupt .gz
+            raise cli.InputError(f"{flag}: {path}:{lineno + 1}: cannot be read ({e})") from None
 
 
 def evaluate(model_path: str, texts: list[str]) -> dict:
@@ -116,7 +131,7 @@ def write_options_table(path: str) -> None:
     with open(path, encoding="utf-8") as f:
         doc = f.read()
     if TABLE_START not in doc or TABLE_END not in doc:
-        raise SystemExit(f"{path}: missing the markers {TABLE_START.strip()} / {TABLE_END.strip()}")
+        raise cli.InputError(f"{path}: missing the markers {TABLE_START.strip()} / {TABLE_END.strip()}")
     head, rest = doc.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     tmp = path + ".tmp"
@@ -139,7 +154,7 @@ def print_evaluation(reports: dict[str, dict]) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_argument_group("training text (JSONL by default, or a seqio task/mixture)")
-    src.add_argument("--input", default=DEFAULT_TRAIN, help="JSONL(.gz) glob to train on")
+    src.add_argument("--input", default=DEFAULT_TRAIN, help="JSONL(.gz) glob or directory to train on")
     src.add_argument("--task", default=None,
                      help="seqio task or mixture to sample instead of --input (its text before tokenization)")
     src.add_argument("--split", default="train", help="split of --task")
@@ -150,7 +165,7 @@ def main(argv=None):
     src.add_argument("--sample_docs", type=int, default=0,
                      help="train on a uniform sample of N documents (0: all of --input; --task needs N)")
     held = parser.add_argument_group("held-out evaluation")
-    held.add_argument("--eval_input", default=DEFAULT_EVAL, help="held-out JSONL(.gz) glob")
+    held.add_argument("--eval_input", default=DEFAULT_EVAL, help="held-out JSONL(.gz) glob or directory")
     held.add_argument("--eval_task", default=None, help="seqio task or mixture to evaluate on instead")
     held.add_argument("--eval_split", default="validation", help="split of --eval_task")
     held.add_argument("--eval_docs", type=int, default=2000, help="evaluate on at most N documents (0: all)")
@@ -164,17 +179,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.write_options_table:
-        write_options_table(args.write_options_table)
+        with cli.reported(parser):
+            write_options_table(cli.text_file("--write_options_table", args.write_options_table))
         print(f"wrote the options table into {args.write_options_table}")
         return None
-    if args.task:
-        if not args.sample_docs:
-            parser.error("--task needs --sample_docs N (a task or mixture may be endless)")
-        texts = task_texts(args.task, args.split, args.sample_docs, args.seed, args.gin_file, args.gin_bindings)
-    else:
-        texts = sample(iter_texts(args.input, args.text_field), args.sample_docs, args.seed)
-    if not texts:
-        raise SystemExit("train_tokenizer: no training text")
+    if args.task and not args.sample_docs:
+        parser.error("--task needs --sample_docs N (a task or mixture may be endless)")
+    cli.check_args(parser, args, INPUTS)
+    with cli.reported(parser):  # every input is read before anything is written
+        if args.task:
+            texts = task_texts(args.task, args.split, args.sample_docs, args.seed, args.gin_file, args.gin_bindings)
+        else:
+            texts = sample(iter_texts("--input", _jsonl_files("--input", args.input), args.text_field),
+                           args.sample_docs, args.seed)
+        if not texts:
+            raise cli.InputError(f"--task={args.task} (split {args.split}): no text" if args.task
+                                 else f"--input={args.input}: no documents (only blank lines)")
+        if args.eval_task:
+            held_out = task_texts(args.eval_task, args.eval_split, args.eval_docs, args.seed, args.gin_file,
+                                  args.gin_bindings)
+        else:
+            held_out = sample(iter_texts("--eval_input", _jsonl_files("--eval_input", args.eval_input),
+                                         args.text_field), args.eval_docs, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         sentences = os.path.join(tmp, "sentences.txt")
         with open(sentences, "w", encoding="utf-8") as f:
@@ -197,11 +223,6 @@ def main(argv=None):
     print(f"trained {args.output}.model on {len(texts)} documents of {source}, vocab {args.vocab_size}")
     for name, value, _ in OPTIONS:
         print(f"  {name} = {value!r}")
-    if args.eval_task:
-        held_out = task_texts(args.eval_task, args.eval_split, args.eval_docs, args.seed, args.gin_file,
-                              args.gin_bindings)
-    else:
-        held_out = sample(iter_texts(args.eval_input, args.text_field), args.eval_docs, args.seed)
     reports = {"trained": evaluate(args.output + ".model", held_out)}
     if args.compare and os.path.abspath(args.compare) != os.path.abspath(args.output + ".model"):
         reports[os.path.basename(args.compare)] = evaluate(args.compare, held_out)

@@ -11,7 +11,6 @@ Exit status 0 when everything passes, 1 otherwise.
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -28,7 +27,8 @@ BUILTIN = Path(__file__).resolve().parents[1] / "kinoe_jax" / "data" / "builtin"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="*", help="JSONL files or glob patterns (default: the built-in sets)")
+    parser.add_argument("files", nargs="*", help="JSONL files, glob patterns or directories of JSONL files "
+                        "(default: the built-in sets)")
     parser.add_argument("--seq_len", type=int, default=512,
                         help="the training sequence length (DataConfig.seq_len / dpo.seq_len); an example "
                              "fits when its ids, BOS aside, are at most this many")
@@ -42,15 +42,19 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
     args = parser.parse_args(argv)
 
+    from kinoe_jax import cli
+
+    paths = []
+    with cli.reported(parser):  # before the tokenizer and TensorFlow load
+        # A file that is wholly another encoding is refused here; a stray bad line is reported per line.
+        for pattern in args.files or [str(BUILTIN)]:
+            paths += [p for p in cli.text_files(None, pattern, cli.JSONL, sniff=True) if p not in paths]
+        if args.tokenizer:
+            cli.data_file("--tokenizer", args.tokenizer)
+
     from kinoe_jax.data import vocab as vocab_lib
     from kinoe_jax.sft.validate import validate
 
-    paths = []
-    for pattern in args.files or [str(BUILTIN / "*.jsonl")]:
-        found = sorted(glob.glob(pattern))
-        if not found:
-            parser.error(f"no file matches {pattern}")
-        paths += [p for p in found if p not in paths]
     if args.tokenizer:
         import gin
 

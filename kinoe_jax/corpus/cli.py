@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Optional
 
+from kinoe_jax.cli import JSONL, InputError, text_file, text_files
 from kinoe_jax.corpus.config import ConfigError, load_config
 from kinoe_jax.corpus.filters import QualityFilter
 from kinoe_jax.corpus.io import InputNotFoundError, OutputExistsError, is_remote, resolve_inputs
@@ -22,6 +23,21 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _input_files(patterns: list[str]) -> list[str]:
+    """Each --input's files, once, in order: a local glob or directory (its JSONL files) is checked
+    here, down to a file that is empty or in another encoding; a remote one is listed by Beam."""
+    files: list[str] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        found = (resolve_inputs([pattern]) if is_remote(pattern)
+                 else text_files("--input", pattern, JSONL, sniff=True))
+        for f in found:
+            if f not in seen:  # overlapping patterns must not double the data
+                seen.add(f)
+                files.append(f)
+    return files
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prepare_corpus",
@@ -29,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "With --runner=beam, unknown options are passed to Apache Beam "
                     "(e.g. --runner=beam --direct_num_workers=4, or Dataflow options).")
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
-                   help="JSONL or JSONL.gz files (glob, ** allowed); repeat for several")
+                   help="JSONL or JSONL.gz files (glob, ** allowed, or a directory of them); repeat for several")
     p.add_argument("--output_dir", required=True, help="created atomically at the end")
     p.add_argument("--config", help="YAML file overriding default_config.yaml")
     p.add_argument("--text_field", default="text", help="JSON field holding the document text")
@@ -50,14 +66,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.num_workers < 1:
         parser.error("--num_workers must be at least 1")
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config and text_file("--config", args.config))
         if args.shard_size is not None:
             cfg = cfg.replace("output", shard_size=args.shard_size)
         # Fails now, not in every worker, if the word list is unreadable.
         QualityFilter(cfg.filters, cfg.normalize.nfkc)
         if args.runner == "local" and any(is_remote(p) for p in args.input + [args.output_dir]):
             raise ConfigError("remote paths need --runner=beam")
-        files = resolve_inputs(args.input)
+        files = _input_files(args.input)
         settings = Settings(cfg, args.text_field)
         if args.runner == "local":
             from kinoe_jax.corpus.local_runner import run_local
@@ -75,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             report = run_beam(files, args.output_dir, settings, cfg.output.shard_size,
                               args.overwrite, extra)
-    except (ConfigError, InputNotFoundError, OutputExistsError, OSError) as e:
+    except (InputError, ConfigError, InputNotFoundError, OutputExistsError, OSError) as e:
         print(f"prepare_corpus: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

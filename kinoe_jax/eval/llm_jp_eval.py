@@ -24,14 +24,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import logging
 import os
 import sys
 import time
 
-import kinoe_jax.data  # noqa: F401  (hides accelerators from TensorFlow)
+from kinoe_jax import cli
 
-from kinoe_jax.eval import dumps as dumps_lib
+
+def _prompt_files(flag: str, pattern: str) -> list[str]:
+    """The dumps a glob or a directory names, each escaped to stay itself when globbed again."""
+    return [glob.escape(p) for p in cli.text_files(flag, pattern, (".eval-prompt.json",))]
+
+
+INPUTS = {"--workdir": cli.directory, "--prompts": _prompt_files}
+if __name__ == "__main__":  # a bad path is named before TensorFlow and JAX load
+    cli.precheck(INPUTS)
+
+import kinoe_jax.data  # noqa: F401,E402  (hides accelerators from TensorFlow)
+
+from kinoe_jax.eval import dumps as dumps_lib  # noqa: E402
 
 log = logging.getLogger("kinoe_jax.eval.llm_jp_eval")
 
@@ -149,8 +162,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="a training workdir, its checkpoints/ dir, or one step's directory")
     parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--prompts", default=dumps_lib.BUILTIN, help="glob of *.eval-prompt.json dumps "
-                        "(default: the built-in set)")
+    parser.add_argument("--prompts", default=dumps_lib.BUILTIN, help="glob or directory of *.eval-prompt.json "
+                        "dumps (default: the built-in set)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--run_name", required=True)
     parser.add_argument("--apply_chat_template", action="store_true",
@@ -168,9 +181,8 @@ def main(argv=None) -> int:
     run_dir = os.path.join(args.output_dir, args.run_name)
     try:
         if args.workdir:
-            if not os.path.exists(args.workdir):
-                parser.error(f"{args.workdir} does not exist")
-            run_dir = run_inference(args, dumps_lib.load_dumps(args.prompts))
+            cli.directory("--workdir", args.workdir)
+            run_dir = run_inference(args, dumps_lib.load_dumps(_prompt_files("--prompts", args.prompts)))
             print(f"wrote {run_dir}")
         elif not args.score:
             parser.error("give --workdir to generate, or --score to score an existing run directory")
@@ -182,8 +194,8 @@ def main(argv=None) -> int:
                 print(f"{name}: skipped {', '.join(f'{m} ({why})' for m, why in skipped.items())}")
             if scores["average"] is not None:
                 print(f"average: {scores['average']:.4f}")
-    except (dumps_lib.DumpError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (cli.InputError, dumps_lib.DumpError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
