@@ -57,7 +57,7 @@ def test_bad_dumps_are_refused_by_file_and_field_and_nothing_is_written(tmp_path
     assert main([f"--workdir={tmp_path}", f"--prompts={tmp_path}/*.eval-prompt.json", f"--output_dir={out}",
                  "--run_name=r"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "toy.eval-prompt.json" in err[0]
+    assert len(err) == 1 and ": error: " in err[0] and "toy.eval-prompt.json" in err[0]
     assert not out.exists()
 
 
