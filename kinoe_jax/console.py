@@ -24,8 +24,15 @@ def say(message: str, *args) -> None:
     CONSOLE.info(message, *args)
 
 
+# gin logs an error for every search path a config file is not under, before finding it in the
+# next one (a file found nowhere is reported by kinoe_jax.config_io instead).
+_SEARCH_MISS = "Path not found: %s"
+
+
 class _Calm(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _SEARCH_MISS:
+            return False
         if record.name.startswith(_ALWAYS):
             return True
         if record.name.startswith("kinoe_jax"):

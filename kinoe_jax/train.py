@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from kinoe_jax import checkpoint as ckpt
-from kinoe_jax import optim
+from kinoe_jax import console, optim
 from kinoe_jax.config_io import ConfigError, load_gin, write_operative_config
 from kinoe_jax.data import pipeline, tasks
 from kinoe_jax.data.vocab import get_vocabulary, tokenizer_path
@@ -275,9 +275,10 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
         flops_per_step = objective.flops_per_step(run)
         peak = peak_flops_per_device() * jax.device_count()
         writer = MetricsWriter(workdir, total_steps, gin.config_str(), initial_step=start)
-        log.info("%s: %d parameters (%d trained), %.3g FLOPs/step, peak %.3g FLOP/s", objective.name,
-                 model_config.num_params(), _count(trainable_lib.split(abstract["params"], trainable)[0]),
-                 flops_per_step, peak)
+        log.info("%.3g FLOPs/step, peak %.3g FLOP/s", flops_per_step, peak)
+        if jax.process_index() == 0:
+            console.say(_describe(objective, model_config, data, total_steps, mesh, workdir, start,
+                                  _count(trainable_lib.split(abstract["params"], trainable)[0])))
         guard.start(start, writer.wandb_run)
 
         def to_global(batch):
@@ -318,12 +319,16 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
                 if downstream:  # llm-jp-eval style scores of the live, sharded parameters
                     metrics.update(downstream_eval(model_config, state["params"], mesh, vocab=vocab))
                 writer.write(done, metrics)
+                if (evaluate or downstream) and jax.process_index() == 0:
+                    console.say(_evaluation_line(done, metrics))
                 writer.progress(done, {label: metrics[key] for label, key in objective.progress_keys.items()})
                 t_last, steps_since = time.perf_counter(), 0
             stop = guard.should_stop(done)  # preempted (every process agrees) or too many bad steps
             if guard.may_save(done, state, force=stop or done == total_steps):  # due, and fits on disk
                 ckpt.save(manager, done, state, train_data.iterator, model_json, force=True,
                           run_info=schedule_now.at(done))
+                if jax.process_index() == 0:
+                    console.say("step %d: checkpoint saved to %s", done, os.path.join(manager.directory, str(done)))
             multihost.fault_point(done)
             if stop:
                 break
@@ -342,6 +347,23 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
                 print(f"\nsample (greedy) 「{sample_prompt}」→ {text}", flush=True)
     manager.close()
     return state
+
+
+def _describe(objective, cfg: ModelConfig, data, total_steps: int, mesh, workdir: str, start: int,
+              trained: int) -> str:
+    """The one line that says what this run is."""
+    what = f"{objective.name} of a {cfg.num_params() / 1e6:.1f}M-parameter model ({cfg.num_layers} layers"
+    what += f", hidden {cfg.hidden_size}" + (f", {cfg.num_experts} experts" if cfg.num_experts else "") + ")"
+    if cfg.lora is not None:
+        what += f" with LoRA rank {cfg.lora.rank} ({trained / 1e6:.2f}M parameters trained)"
+    where = f"{mesh.size} {mesh.devices.flat[0].platform} device{'s' if mesh.size > 1 else ''}"
+    steps = f"steps {start + 1}-{total_steps} (resumed)" if start else f"{total_steps} step{'s' if total_steps > 1 else ''}"
+    return (f"training {what}: {steps} of {data.global_batch} x {data.seq_len} tokens on {where} -> {workdir}")
+
+
+def _evaluation_line(step: int, metrics: dict) -> str:
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval_") or k == "downstream/average"}
+    return f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
 
 
 def _due(done: int, every: int, total_steps: int) -> bool:
@@ -379,9 +401,11 @@ def main(argv=None) -> None:
     parser.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
     parser.add_argument("--workdir", default=None, help="output directory (default: runs/<first gin file>)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every log line on the terminal (they always go to DIR/logs/)")
     multihost.add_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.setup(args.verbose)
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. gin_configs/runs/tiny_ja.gin)")
     cli.check_args(parser, args, INPUTS)

@@ -56,6 +56,7 @@ def test_console_filter(verbose, capsys):
         logging.getLogger("kinoe_jax.train").warning("a warning of ours")
         logging.getLogger("jax._src.xla_bridge").warning("a library warning")
         logging.getLogger("orbax").error("a library error")
+        logging.getLogger("absl").error("Path not found: %s", "gin_configs/runs/tiny_ja.gin")
         console.say("step %d: checkpoint saved", 5)
     finally:
         root.handlers[:], _ = saved
@@ -63,5 +64,5 @@ def test_console_filter(verbose, capsys):
     err = capsys.readouterr().err
     for always in ("a warning of ours", "a library error", "step 5: checkpoint saved"):
         assert always in err
-    for chatter in ("Finished saving checkpoint", "mesh of 8 devices", "a library warning"):
+    for chatter in ("Finished saving checkpoint", "mesh of 8 devices", "a library warning", "Path not found"):
         assert (chatter in err) == verbose, chatter
