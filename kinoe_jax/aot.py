@@ -390,18 +390,35 @@ def main(argv=None) -> int:
         raise SystemExit(str(e).splitlines()[0])
     chip = CHIPS[args.accelerator] if args.accelerator else (tgt.chip if tgt else CHIPS["h100"])
     mesh = make_mesh(devices=devices)
-    report = fit_report(
-        model_cfg, mesh, seq_len=seq_len, global_batch=args.global_batch or data.global_batch,
-        grad_accum=args.grad_accum or data.grad_accum, zero1=_zero1_from_gin() if args.zero1 is None else True,
-        device_memory_gb=args.device_memory_gb or chip.memory_gb, peak_tflops=args.peak_tflops or chip.peak_tflops,
-        hbm_gbps=chip.hbm_gbps, mfu=args.mfu, target=tgt.describe() if tgt else None)
+    global_batch = args.global_batch or data.global_batch
+    try:
+        report = fit_report(
+            model_cfg, mesh, seq_len=seq_len, global_batch=global_batch,
+            grad_accum=args.grad_accum or data.grad_accum, zero1=_zero1_from_gin() if args.zero1 is None else True,
+            device_memory_gb=args.device_memory_gb or chip.memory_gb,
+            peak_tflops=args.peak_tflops or chip.peak_tflops, hbm_gbps=chip.hbm_gbps, mfu=args.mfu,
+            target=tgt.describe() if tgt else None)
+    except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = next((line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+        print(f"DOES NOT FIT: the {mesh.devices.flat[0].platform} compiler refused the step: {message.strip()}")
+        _write_json(args.json_out, dict(fits=False, compiler_error=message.strip(), num_devices=mesh.size,
+                                        target=tgt.describe() if tgt else None, seq_len=seq_len,
+                                        global_batch=global_batch, mesh=dict(mesh.shape)))
+        return 1
     print(format_report(report, accelerator=chip.name, train_tokens=args.train_tokens), flush=True)
-    if args.json_out:
-        tmp = args.json_out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report.as_dict(), f, indent=1, default=str)
-        os.replace(tmp, args.json_out)
+    _write_json(args.json_out, report.as_dict())
     return 0 if report.fits is not False else 1
+
+
+def _write_json(path, figures: dict) -> None:
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(figures, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def _cpu_devices(num_devices):

@@ -73,7 +73,8 @@ def build(cfg: ModelConfig, batch: int, seq_len: int):
     return step, state, micro, time.perf_counter() - t
 
 
-def compiled_on(target: str, impls: list[str], layers: int, seq_len: int, per_device: int) -> None:
+def compiled_on(target: str, impls: list[str], layers: int, seq_len: int, per_device: int,
+                block: int = 64) -> None:
     """Mixtral-8x7B layers compiled by the target's own compiler with each dropless kernel: the
     compiled figures (memory, FLOPs with each kernel's own cost, roofline time) side by side."""
     from kinoe_jax import chips
@@ -84,7 +85,7 @@ def compiled_on(target: str, impls: list[str], layers: int, seq_len: int, per_de
     mesh = make_mesh(data=1, fsdp=-1, devices=tgt.devices())
     base = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=layers, num_heads=32,
                        num_kv_heads=8, max_seq_len=seq_len, num_experts=8, num_experts_per_tok=2, dtype="bfloat16",
-                       remat_policy="dots_no_batch")
+                       remat_policy="dots_no_batch", moe_block_size=block)
     print(f"{tgt.describe()}: Mixtral-8x7B shapes, {layers} layers, {per_device} x {seq_len} tokens per device\n")
     print("| moe_impl | compile s | temporaries GiB/dev | total GiB/dev | matmul FLOPs (HLO) | kernel FLOPs "
           "(priced) | compiled/formula | roofline s | kernels |\n|---|---|---|---|---|---|---|---|---|")
@@ -109,9 +110,11 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="with --target: layers compiled")
     parser.add_argument("--target_seq_len", type=int, default=4096, help="with --target: sequence length")
     parser.add_argument("--per_device", type=int, default=1, help="with --target: sequences per device")
+    parser.add_argument("--moe_block_size", type=int, default=64, help="with --target: rows per block of 'blocks'")
     args = parser.parse_args(argv)
     if args.target:
-        compiled_on(args.target, args.impls.split(","), args.layers, args.target_seq_len, args.per_device)
+        compiled_on(args.target, args.impls.split(","), args.layers, args.target_seq_len, args.per_device,
+                    args.moe_block_size)
         return
 
     chosen = default_impl()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,11 @@ def table(rows: list) -> str:
         if "error" in r:
             lines.append(f"| {model} | {seq} | {target} | {remat} | {attention} | {per_device} | error | "
                          f"{r['error'].splitlines()[-1][:80]} | | | | | |")
+            continue
+        if "compiler_error" in r:
+            need = re.search(r"temporaries \(([0-9.]+G)\)", r["compiler_error"])
+            lines.append(f"| {model} | {seq} | {target} | {remat} | {attention} | {per_device} | **no** | "
+                         f"compiler: temporaries {need.group(1) if need else '?'} > HBM | | | | | |")
             continue
         coll = sum(r["collective_bytes"].values())
         ideal = f" ({coll / r['fsdp_ideal_bytes']:.2f}x)" if r.get("fsdp_ideal_bytes") else ""
