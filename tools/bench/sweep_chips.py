@@ -169,8 +169,8 @@ def main() -> int:
         result = run_one(row)
         rows = load(args.out) + [result]
         save(args.out, rows)
-        status = result.get("error") or (f"{result['total_bytes'] / GIB:.1f} GiB, fits {result['fits']}, "
-                                         f"{result['compile_s']:.0f} s compile")
+        status = result.get("error") or result.get("compiler_error") or (
+            f"{result['total_bytes'] / GIB:.1f} GiB, fits {result['fits']}, {result['compile_s']:.0f} s compile")
         print(f"{key(row)}: {status}", flush=True)
     print(table(rows))
     return 0
