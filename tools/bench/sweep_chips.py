@@ -125,7 +125,15 @@ def table(rows: list) -> str:
             "| collectives GiB/dev (x FSDP ideal) | roofline s/step | tokens/s/chip (bound) | MFU bound |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     good = {r["key"] for r in rows if "error" not in r}
-    for r in rows:
+    models = [row[0] for row in PLAN]
+
+    def order(r):
+        model, seq, target, remat, attention, per_device = r["row"]
+        platform, size = target.split("-")
+        return (models.index(model) if model in models else 99, -seq, platform, int(size), remat, attention,
+                per_device)
+
+    for r in sorted(rows, key=order):
         if "error" in r and r["key"] in good:
             continue  # a failed try that a later run of the same row replaced
         model, seq, target, remat, attention, per_device = r["row"]
