@@ -11,7 +11,6 @@ KV-cache decoding always uses `attend` (one query block against the cache).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from kinoe_jax.models.attention.blocked import (  # noqa: F401  (the package's public names)
