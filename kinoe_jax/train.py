@@ -254,7 +254,7 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
         latest = manager.latest_step()
         if latest is not None:  # the newest checkpoint that reads back whole
             state, latest = ckpt.restore_newest_good(manager, abstract, train_data.iterator, notify=guard.notify)
-            log.info("resumed from %s at step %d", manager.directory, latest)
+            console.say("resumed from %s at step %d", manager.directory, latest)
             warn_if_changed(ckpt.read_run_info(manager, latest), schedule_now, latest)
         else:
             state = init_state(model, tx, shardings, data.seq_len, seed, trainable)

@@ -11,7 +11,8 @@ from conftest import REPO
 
 
 SHORT = ["train.total_steps = 10", "train.eval_every = 5", "train.downstream_eval_every = 10",
-         "downstream_eval.max_samples = 4", "CheckpointConfig.save_every = 5"]
+         "downstream_eval.max_samples = 4", "downstream_eval.datasets = ('kinoe_arith',)",
+         "CheckpointConfig.save_every = 5"]
 
 
 def _run(workdir, *extra):

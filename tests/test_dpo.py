@@ -4,6 +4,7 @@ step alone, and a tiny run on the built-in pairs raises preference accuracy over
 import json
 import math
 import os
+import shutil
 
 import gin
 import jax.numpy as jnp
@@ -100,10 +101,23 @@ def _run_dpo(workdir, reference, bindings=()):
     return read_metrics(str(workdir))
 
 
+_REFERENCE: dict = {}
+
+
+def dpo_reference():
+    """One uninterrupted tiny DPO run from the SFT run, made once per session (the resume tests
+    compare against it): {"dir", "rows", "sft"}."""
+    if not _REFERENCE:
+        sft = os.path.join(sft_runs()["sft"], "checkpoints")
+        work = os.path.join(os.path.dirname(sft_runs()["sft"]), "dpo_reference")
+        _REFERENCE.update(dir=work, rows=_run_dpo(work, sft), sft=sft)
+    return _REFERENCE
+
+
 @pytest.mark.slow
 def test_tiny_dpo_run_raises_preference_accuracy_and_resumes(tmp_path):
-    reference = os.path.join(sft_runs()["sft"], "checkpoints")
-    rows = _run_dpo(tmp_path / "dpo", reference)
+    run = dpo_reference()
+    reference, rows = run["sft"], run["rows"]
     evals = [r for r in rows if "eval_preference_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]
     start, end = evals[0], evals[-1]
@@ -116,10 +130,14 @@ def test_tiny_dpo_run_raises_preference_accuracy_and_resumes(tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
     assert all(k in steps[0] for k in ("reward_margin", "preference_accuracy", "grad_norm", "learning_rate"))
-    assert sorted(os.listdir(tmp_path / "dpo" / "checkpoints")) == ["12", "6"]
-    assert os.path.exists(tmp_path / "dpo" / "tokenizer.model") and os.path.exists(tmp_path / "dpo" / "config.gin")
+    assert sorted(os.listdir(os.path.join(run["dir"], "checkpoints"))) == ["12", "6"]
+    assert os.path.exists(os.path.join(run["dir"], "tokenizer.model"))
+    assert os.path.exists(os.path.join(run["dir"], "config.gin"))
 
-    # Same command, more steps: it resumes from step 12 instead of starting over.
-    more = _run_dpo(tmp_path / "dpo", reference, ["train.total_steps = 14"])
+    # Same command, more steps (on a copy: the reference run stays as it was): it resumes from
+    # step 12 instead of starting over.
+    work = tmp_path / "dpo"
+    shutil.copytree(run["dir"], work)
+    more = _run_dpo(work, reference, ["train.total_steps = 14"])
     assert [r["step"] for r in more if "loss" in r] == list(range(1, 15))
     assert [r["step"] for r in more if "eval_loss" in r] == [0, 6, 12, 14]

@@ -11,12 +11,11 @@ import time
 import pytest
 
 from conftest import REPO
-from test_dpo import DPO_GIN, _run_dpo, dpo_bindings
-from test_sft_runs import sft_runs
+from test_dpo import DPO_GIN, _run_dpo, dpo_bindings, dpo_reference
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["train.total_steps = 8", "train.eval_every = 0", "CheckpointConfig.save_every = 100"]
+STEPS = 12  # the reference run's (test_dpo.dpo_reference)
 
 
 def _losses(rows):
@@ -32,13 +31,13 @@ def _rows(workdir):
 
 
 def test_sigterm_saves_and_the_resumed_dpo_run_is_bitwise_the_uninterrupted_one(tmp_path):
-    reference = os.path.join(sft_runs()["sft"], "checkpoints")
-    full = _losses(_run_dpo(tmp_path / "full", reference, STEPS))
-    assert sorted(full) == list(range(1, 9))
+    run = dpo_reference()
+    reference, full = run["sft"], _losses(run["rows"])
+    assert sorted(full) == list(range(1, STEPS + 1))
 
     work = str(tmp_path / "cut")
     cmd = [sys.executable, "-m", "kinoe_jax.dpo", f"--gin_file={DPO_GIN}", f"--workdir={work}",
-           *[f"--gin_bindings={b}" for b in dpo_bindings(reference) + STEPS + ["faults.step_delay_s = 0.5"]]]
+           *[f"--gin_bindings={b}" for b in dpo_bindings(reference) + ["faults.step_delay_s = 0.5"]]]
     env = dict(os.environ, WANDB_MODE="disabled")
     with open(tmp_path / "cut.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -50,14 +49,14 @@ def test_sigterm_saves_and_the_resumed_dpo_run_is_bitwise_the_uninterrupted_one(
     log_text = (tmp_path / "cut.log").read_text(errors="replace")
     assert rc == 0, log_text[-3000:]
     stopped = _rows(work)[-1]["step"]
-    assert 3 <= stopped < 8, f"stopped at {stopped}"
+    assert 3 <= stopped < STEPS, f"stopped at {stopped}"
     entries = os.listdir(os.path.join(work, "checkpoints"))
     assert str(stopped) in entries and not [e for e in entries if "tmp" in e]
     with open(os.path.join(work, "alerts.jsonl")) as f:
         alerts = [json.loads(line) for line in f]
     assert alerts[-1]["kind"] == "preempted" and f"stopped at step {stopped} (SIGTERM)" in alerts[-1]["text"]
 
-    resumed = _losses(_run_dpo(work, reference, STEPS))
-    assert sorted(resumed) == list(range(1, 9))
-    for step in range(1, 9):
+    resumed = _losses(_run_dpo(work, reference))
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
         assert resumed[step] == full[step], f"step {step}: {resumed[step]} != {full[step]} (must be bitwise)"
