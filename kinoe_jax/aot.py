@@ -73,6 +73,9 @@ class FitReport:
     device_memory_gb: float | None = None
     peak_tflops: float | None = None
     mfu: float | None = None  # the stated MFU for the planner line
+    objective: str = "causal_lm"
+    step_tokens: int | None = None  # tokens the objective processes per step (DPO: both replies)
+    frozen_bytes: int = 0  # per device: inputs beside the state (full DPO's reference parameters)
 
     @property
     def fits(self) -> bool | None:
@@ -80,7 +83,7 @@ class FitReport:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+        return self.step_tokens or self.global_batch * self.seq_len
 
     @property
     def flops_compiled(self) -> float:
@@ -137,35 +140,52 @@ def _full_bytes(abstract) -> int:
 
 
 def compile_train_step(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int, zero1: bool,
-                       total_steps: int = 1000):
+                       total_steps: int = 1000, objective=None):
     """(compiled executable, abstract state) of kinoe_jax.train's step on `mesh`, from shapes only.
 
-    The one compile path: the fit check, the FLOP and collective counts and the sweeps all use it."""
+    The one compile path: the fit check, the FLOP and collective counts and the sweeps all use it.
+    `objective` (default: the causal LM) is the training loop's; DPO also gets its frozen
+    reference (a second parameter tree in full fine-tuning, nothing with LoRA)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from kinoe_jax import optim
     from kinoe_jax import train as train_lib
-    from kinoe_jax.data import pipeline
     from kinoe_jax.models import Transformer
+    from kinoe_jax.objectives import CausalLM
     from kinoe_jax.parallel import sharding as shd
     from kinoe_jax.parallel.rules import flax_rules
 
     if global_batch % grad_accum:
         raise ValueError(f"global_batch {global_batch} is not divisible by grad_accum {grad_accum}")
+    objective = objective or CausalLM()
     model = Transformer(model_cfg)
     tx, schedule = optim.make_optimizer(total_steps)
     abstract, shardings, _ = train_lib.abstract_state(model, model_cfg, tx, mesh, seq_len, zero1, 0)
     micro_shape = (grad_accum, global_batch // grad_accum, seq_len)
     batch_sharding = jax.sharding.NamedSharding(mesh, shd.batch_spec(mesh, micro_shape))
-    batch = {k: jax.ShapeDtypeStruct(micro_shape, jnp.int32, sharding=batch_sharding) for k in pipeline.FEATURES}
+    batch = {k: jax.ShapeDtypeStruct(micro_shape, jnp.int32, sharding=batch_sharding) for k in objective.batch_keys}
+    extra, extra_shardings = objective.frozen_inputs(_run_info(model_cfg, mesh, seq_len, global_batch), abstract["params"],
+                                                     shardings["params"], lambda directory, step: abstract["params"])
     # The same jit as kinoe_jax.train (shardings in and out, the state donated).
-    step = jax.jit(train_lib.make_train_step(model, tx, schedule), in_shardings=(shardings, batch_sharding),
+    step = jax.jit(train_lib.make_train_step(model, tx, schedule, objective),
+                   in_shardings=(shardings, batch_sharding, None, extra_shardings),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules(mesh)):
-        compiled = step.lower(abstract, batch).compile()
+        compiled = step.lower(abstract, batch, jax.ShapeDtypeStruct((), jnp.float32), extra).compile()
     return compiled, abstract
+
+
+def _run_info(model_cfg, mesh, seq_len: int, global_batch: int):
+    """What an objective knows of a run, for a compile that has no data or checkpoint."""
+    from types import SimpleNamespace
+
+    from kinoe_jax.objectives import RunInfo
+
+    data = SimpleNamespace(seq_len=seq_len, global_batch=global_batch, grad_accum=1)
+    return RunInfo(workdir="", model_config=model_cfg, data=data, total_steps=1, eval_every=0, seed=0, mesh=mesh,
+                   vocab=None)
 
 
 def check_shapes(model_cfg, seq_len: int, platform: str) -> None:
@@ -202,19 +222,26 @@ def fsdp_ideal_bytes(model_cfg, mesh) -> float | None:
 
 def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int = 1, zero1: bool = False,
                device_memory_gb: float | None = None, peak_tflops: float | None = None,
-               hbm_gbps: float | None = None, mfu: float | None = None, target: str | None = None) -> FitReport:
+               hbm_gbps: float | None = None, mfu: float | None = None, target: str | None = None,
+               objective=None) -> FitReport:
     from kinoe_jax import hlo_stats, kernel_costs
 
     platform = mesh.devices.flat[0].platform
     check_shapes(model_cfg, seq_len, platform)
     t, cpu = time.perf_counter(), time.process_time()
-    compiled, abstract = compile_train_step(model_cfg, mesh, seq_len, global_batch, grad_accum, zero1)
+    compiled, abstract = compile_train_step(model_cfg, mesh, seq_len, global_batch, grad_accum, zero1,
+                                            objective=objective)
     compile_s, compile_cpu_s = time.perf_counter() - t, time.process_time() - cpu
     mem = compiled.memory_analysis()
     if mem is None:
         raise RuntimeError(f"the {platform} compiler gives no memory analysis")
     params_b = _state_bytes_per_device(abstract["params"])
     opt_b = _state_bytes_per_device(abstract["opt_state"])
+    frozen_b = 0
+    if objective is not None:
+        extra, _ = objective.frozen_inputs(_run_info(model_cfg, mesh, seq_len, global_batch), abstract["params"],
+                                           None, lambda directory, step: abstract["params"])
+        frozen_b = _state_bytes_per_device(extra) if extra is not None else 0
     args_b = int(mem.argument_size_in_bytes)
     out_b = max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0)
     temp_b = int(mem.temp_size_in_bytes)
@@ -231,16 +258,29 @@ def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int
         model=dataclasses.asdict(model_cfg), mesh=dict(mesh.shape), num_devices=mesh.size, platform=platform,
         target=target, seq_len=seq_len, global_batch=global_batch, grad_accum=grad_accum, zero1=zero1,
         num_params=model_cfg.num_params(), compile_s=compile_s, compile_cpu_s=compile_cpu_s,
-        params_bytes=params_b, opt_state_bytes=opt_b, other_arg_bytes=max(args_b - params_b - opt_b, 0),
+        params_bytes=params_b, opt_state_bytes=opt_b, other_arg_bytes=max(args_b - params_b - opt_b - frozen_b, 0),
+        frozen_bytes=frozen_b,
         temp_bytes=temp_b, output_bytes=out_b, total_bytes=args_b + temp_b + out_b,
         min_state_bytes=(_full_bytes(abstract["params"]) + _full_bytes(abstract["opt_state"])) / mesh.size,
-        flops_formula=model_cfg.flops_per_token(seq_len) * global_batch * seq_len,
+        flops_formula=_formula_flops(model_cfg, mesh, seq_len, global_batch, objective),
+        objective=getattr(objective, "name", "causal_lm"), step_tokens=_tokens(
+            model_cfg, mesh, seq_len, global_batch, objective),
         matmul_flops=stats.matmul_flops * mesh.size, kernel_flops=sum(k.flops for k in kernels) * mesh.size,
         bytes_accessed=stats.bytes_accessed + sum(k.bytes for k in kernels),
         collective_bytes=stats.collective_bytes, fsdp_ideal_bytes=fsdp_ideal_bytes(model_cfg, mesh),
         kernels=kernel_rows, unpriced_kernels=kernel_costs.unpriced(stats.custom_calls), roofline_s=roofline,
         xla_optimal_s=_xla_optimal_seconds(compiled), device_memory_gb=device_memory_gb,
         peak_tflops=peak_tflops, mfu=mfu)
+
+
+def _formula_flops(model_cfg, mesh, seq_len, global_batch, objective) -> float:
+    if objective is None:
+        return model_cfg.flops_per_token(seq_len) * global_batch * seq_len
+    return objective.flops_per_step(_run_info(model_cfg, mesh, seq_len, global_batch))
+
+
+def _tokens(model_cfg, mesh, seq_len, global_batch, objective) -> int | None:
+    return None if objective is None else objective.tokens_per_step(_run_info(model_cfg, mesh, seq_len, global_batch))
 
 
 # ----------------------------------------------------------------------------- report
@@ -255,13 +295,16 @@ def format_report(r: FitReport, accelerator: str | None = None, train_tokens: fl
         f"model: {r.num_params / 1e9:.2f} B parameters ({m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"ffn {m['intermediate_size']}, heads {m['num_heads']}/{m['num_kv_heads']}"
         + (f", {m['num_experts']} experts top-{m['num_experts_per_tok']}" if m.get("num_experts") else "")
-        + f"; remat {m['remat_policy']}, attention {m['attention_impl']})",
+        + f"; remat {m['remat_policy']}, attention {m['attention_impl']})"
+        + (f"; LoRA rank {m['lora']['rank']} on {', '.join(m['lora']['targets'])}" if m.get("lora") else "")
+        + (f"; objective {r.objective}" if r.objective != "causal_lm" else ""),
         f"target: {where}; mesh {r.mesh}; zero1 {'on' if r.zero1 else 'off'}",
         f"batch: {r.global_batch} x {r.seq_len} tokens per step (grad_accum {r.grad_accum})",
         f"compile: {r.compile_s:.1f} s ({r.compile_cpu_s:.1f} s CPU) on the {r.platform} compiler",
         "per device:",
         f"  parameters        {_gib(r.params_bytes)}",
         f"  optimizer state   {_gib(r.opt_state_bytes)}",
+        *([f"  frozen reference  {_gib(r.frozen_bytes)}   (full DPO's second parameter tree)"] if r.frozen_bytes else []),
         f"  batch and scalars {_gib(r.other_arg_bytes)}",
         f"  temporaries       {_gib(r.temp_bytes)}   (activations, gradients, collective buffers)",
         f"  outputs           {_gib(r.output_bytes)}   (beyond the donated state)",
@@ -337,6 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak per device")
     parser.add_argument("--mfu", type=float, default=0.4, help="the MFU to state next to the estimate")
     parser.add_argument("--train_tokens", type=float, default=None, help="plan: days to train this many tokens")
+    parser.add_argument("--objective", default="causal_lm", choices=("causal_lm", "dpo"),
+                        help="the training objective whose step is compiled (dpo: global_batch counts pairs)")
     parser.add_argument("--json_out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     if not args.gin_file:
@@ -397,7 +442,7 @@ def main(argv=None) -> int:
             grad_accum=args.grad_accum or data.grad_accum, zero1=_zero1_from_gin() if args.zero1 is None else True,
             device_memory_gb=args.device_memory_gb or chip.memory_gb,
             peak_tflops=args.peak_tflops or chip.peak_tflops, hbm_gbps=chip.hbm_gbps, mfu=args.mfu,
-            target=tgt.describe() if tgt else None)
+            target=tgt.describe() if tgt else None, objective=_objective(args.objective))
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -419,6 +464,12 @@ def _write_json(path, figures: dict) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=1, default=str)
     os.replace(tmp, path)
+
+
+def _objective(name: str):
+    from kinoe_jax.objectives import DPO, CausalLM
+
+    return {"causal_lm": CausalLM, "dpo": DPO}[name]()
 
 
 def _cpu_devices(num_devices):

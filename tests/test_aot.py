@@ -204,3 +204,28 @@ def test_cli_on_the_chip_compiler(tmp_path, capsys, target, kernel):
     total = sum(r["collective_bytes"].values())
     assert 0.5 < total / r["fsdp_ideal_bytes"] < 1.5
     assert 0 < r["estimated_mfu"] < 1 and r["tokens_per_sec_per_device"] > 0
+
+
+def test_lora_and_dpo_state_on_the_fsdp_mesh():
+    """LoRA keeps optimizer moments for the adapters only; full DPO holds a second (frozen)
+    parameter tree, LoRA DPO none: what the AOT report prints, from the compiled step."""
+    import dataclasses
+
+    from kinoe_jax.aot import fit_report
+    from kinoe_jax.models import ModelConfig
+    from kinoe_jax.models.lora import LoraConfig, num_adapter_params
+    from kinoe_jax.objectives import DPO
+
+    cfg = ModelConfig(vocab_size=4000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_seq_len=64)
+    lora = dataclasses.replace(cfg, lora=LoraConfig(rank=8, alpha=16.0))
+    mesh = _mesh(data=1, fsdp=8)
+    reports = {(name, obj): fit_report(c, mesh, seq_len=64, global_batch=8, objective=DPO() if obj else None)
+               for name, c in (("full", cfg), ("lora", lora)) for obj in (False, True)}
+    full, adapters = reports[("full", False)], reports[("lora", False)]
+    # Adam's two fp32 moments per trained parameter (and optax's step counters).
+    assert abs(full.opt_state_bytes - 2 * 4 * cfg.num_params() / 8) / full.opt_state_bytes < 0.01
+    assert abs(adapters.opt_state_bytes - 2 * 4 * num_adapter_params(lora) / 8) < 1024  # sharded 8 ways
+    assert reports[("full", True)].frozen_bytes == full.params_bytes
+    assert reports[("lora", True)].frozen_bytes == 0
+    assert reports[("lora", True)].total_bytes < reports[("full", True)].total_bytes

@@ -186,12 +186,13 @@ def test_adapters_shard_through_the_rules_table():
     specs = param_specs(boxed, mesh)
     layer = specs["layers"]["layer"]
     assert layer["attn"]["q_proj"]["lora_a"] == P(None, "fsdp", None)          # [layers, embed, rank]
-    assert layer["attn"]["q_proj"]["lora_b"] == P(None, None, "tensor", None)  # [layers, rank, heads, head_dim]
-    assert layer["attn"]["o_proj"]["lora_a"] == P(None, "tensor", None, None)  # [layers, heads, head_dim, rank]
-    assert layer["attn"]["o_proj"]["lora_b"] == P(None, None, "fsdp")          # [layers, rank, embed]
-    assert layer["mlp"]["down_proj"]["lora_a"] == P(None, "tensor", None)      # [layers, mlp, rank]
-    # kv_heads (2) does not divide over tensor=4: the B of k_proj falls back to replicated.
-    assert layer["attn"]["k_proj"]["lora_b"] == P(None, None, None, None)
+    # A B without an embed dimension splits its rank over fsdp instead (FSDP holds 1/n of it).
+    assert layer["attn"]["q_proj"]["lora_b"] == P(None, "fsdp", "tensor", None)  # [layers, rank, heads, head_dim]
+    assert layer["attn"]["o_proj"]["lora_a"] == P(None, "tensor", None, "fsdp")  # [layers, heads, head_dim, rank]
+    assert layer["attn"]["o_proj"]["lora_b"] == P(None, "fsdp", None)          # [layers, rank, embed]
+    assert layer["mlp"]["down_proj"]["lora_a"] == P(None, "tensor", "fsdp")    # [layers, mlp, rank]
+    # kv_heads (2) does not divide over tensor=4: the B of k_proj is split only by its rank.
+    assert layer["attn"]["k_proj"]["lora_b"] == P(None, "fsdp", None, None)
     params = _trained()
     with jax.set_mesh(mesh):
         placed = jax.device_put(params, to_named(mesh, specs))

@@ -62,6 +62,7 @@ class Models:
 
 class Objective:
     name = "objective"
+    batch_keys: tuple[str, ...] = ()  # the arrays of one batch, each [batch, seq_len] of int32
     progress_keys: dict[str, str] = {"loss": "loss"}  # progress bar label -> metric
     eval_at_start = False  # evaluate once before the first step of a fresh run
 

@@ -24,6 +24,7 @@ def token_ce(logits, targets):
 @gin.configurable("causal_lm")
 class CausalLM(Objective):
     name = "causal_lm"
+    batch_keys = pipeline.FEATURES
     progress_keys = {"loss": "loss", "tok/s": "tokens_per_sec"}
 
     def __init__(self):

@@ -85,6 +85,7 @@ def step_indices(step: int, global_batch: int, num_pairs: int, seed: int) -> np.
 @gin.configurable("dpo")
 class DPO(Objective):
     name = "dpo"
+    batch_keys = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in ROW_KEYS)
     progress_keys = {"loss": "loss", "acc": "preference_accuracy"}
     eval_at_start = True  # where the policy starts: the reference (loss log 2, margin 0)
 

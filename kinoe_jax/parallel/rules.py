@@ -41,7 +41,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, object], ...] = (
     ("mlp", "tensor"),
     ("exp", "expert"),
     ("layers", None),
-    ("lora_rank", None),  # LoRA ranks are small: the adapters split on the side they share with W
+    # LoRA adapters split on the side they share with W; B of a q/k/v/gate/up projection has no
+    # embed dimension, so its rank takes FSDP's axis (else it would be whole on every device).
+    ("lora_rank", "fsdp"),
     ("norm", None),
 )
 
