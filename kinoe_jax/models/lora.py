@@ -102,8 +102,11 @@ def a_init(n_in: int):
 
 
 def adapted(x, a, b, scale: float, dtype):
-    """scale * (x @ A) @ B for x [tokens, n_in], A [n_in, rank], B [rank, n_out]."""
-    return ((x @ a.astype(dtype)) @ b.astype(dtype)) * scale
+    """scale * (x @ A) @ B for x [tokens, n_in], A [n_in, rank], B [rank, n_out].
+
+    The scale is applied to the [tokens, rank] product: scaling the [tokens, n_out] output costs
+    a pass over it forward and another backward."""
+    return ((x @ a.astype(dtype)) * scale) @ b.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- params trees

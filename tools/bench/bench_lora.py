@@ -1,13 +1,17 @@
 """LoRA SFT against full SFT: training tokens/s of the same step at the same shape.
 
 LoRA computes no gradient for the frozen weights (only the activation gradients that flow
-through them) and runs AdamW on the adapters alone, so its step should be faster. Both steps are
-the training loop's own (kinoe_jax.train.make_train_step on the abstract state it builds), on the
-tiny_ja preset at the SFT run's shape (sequences of 512, 8 per step, SFT loss weights), and are
-timed in alternating rounds inside ONE process so machine noise hits both alike; the ratio is
-the result.
+through them) and runs AdamW on the adapters alone, so its step should be faster. All steps are
+the training loop's own (kinoe_jax.train.make_train_step on the abstract state it builds), at
+the SFT run's shape (sequences of 512, 8 per step, loss on the replies only), timed in
+alternating rounds inside ONE process so machine noise hits them alike; ratios are the result.
 
-    python tools/bench/bench_lora.py [--rounds 5] [--steps 5] [--rank 16]
+Three rows: full fine-tuning; LoRA rank 16 on all 7 projections (the run configs'); and a rank-1
+adapter on q_proj alone, whose own cost is negligible: the bound LoRA's saving can reach at this
+shape on this machine (what is left of the step is the forward, the activation gradients,
+attention and the LM head's softmax).
+
+    python tools/bench/bench_lora.py [--model tiny_ja|hidden512] [--rounds 5] [--steps 3]
 """
 
 from __future__ import annotations
@@ -21,22 +25,26 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import kinoe_jax.data  # noqa: E402,F401  (settles JAX's platform quietly before it starts)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 SEQ, BATCH = 512, 8
 
 
-def tiny_ja():
+def model_config(name: str):
     import gin
 
     from kinoe_jax.config_io import load_gin
     from kinoe_jax.models import ModelConfig
 
     load_gin(["gin_configs/models/tiny_ja.gin"])
-    cfg = ModelConfig()
+    cfg = dataclasses.replace(ModelConfig(), max_seq_len=SEQ)
     gin.clear_config()
-    return dataclasses.replace(cfg, max_seq_len=SEQ)
+    if name == "hidden512":  # tools/bench/bench_train_vs_hf.py's model: matmuls weigh more
+        cfg = dataclasses.replace(cfg, vocab_size=8000, hidden_size=512, intermediate_size=1408, num_layers=8,
+                                  num_heads=8, num_kv_heads=2)
+    return cfg
 
 
 def build(cfg):
@@ -71,9 +79,9 @@ def build(cfg):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny_ja", choices=("tiny_ja", "hidden512"))
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
 
     import flax.linen as nn
@@ -81,9 +89,12 @@ def main() -> None:
     from kinoe_jax.models.lora import LoraConfig
     from kinoe_jax.parallel.rules import flax_rules
 
-    full_cfg = tiny_ja()
-    lora_cfg = dataclasses.replace(full_cfg, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
-    runs = {"full": list(build(full_cfg)), "lora": list(build(lora_cfg))}
+    full = model_config(args.model)
+    configs = {"full fine-tuning": full,
+               "LoRA rank 16, 7 projections": dataclasses.replace(full, lora=LoraConfig(rank=16, alpha=32.0)),
+               "bound: rank 1 on q_proj": dataclasses.replace(full, lora=LoraConfig(rank=1, alpha=2.0,
+                                                                                   targets=("q_proj",)))}
+    runs = {name: list(build(cfg)) for name, cfg in configs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
@@ -96,13 +107,14 @@ def main() -> None:
                 times[name].append((time.perf_counter() - t) / args.steps)
             run[1] = state
     tokens = BATCH * SEQ
-    print(f"tiny_ja, {BATCH} x {SEQ} tokens per step, LoRA rank {args.rank} on all 7 projections, "
+    base = statistics.median(times["full fine-tuning"])
+    print(f"{args.model} ({full.num_params() / 1e6:.1f}M parameters), {BATCH} x {SEQ} tokens per step, "
           f"{args.rounds} rounds x {args.steps} steps, {jax.devices()[0].device_kind}")
+    print("| | ms/step | tokens/s | vs full |")
+    print("|---|---:|---:|---:|")
     for name in runs:
         med = statistics.median(times[name])
-        print(f"  {name:5s} step {med * 1000:8.1f} ms (min {min(times[name]) * 1000:.1f})  {tokens / med:10,.0f} tokens/s")
-    ratio = statistics.median(times["full"]) / statistics.median(times["lora"])
-    print(f"LoRA / full tokens/s: {ratio:.2f}x")
+        print(f"| {name} | {med * 1000:.0f} | {tokens / med:,.0f} | {base / med:.2f}x |")
 
 
 if __name__ == "__main__":
