@@ -76,8 +76,11 @@ def test_lora_dpo_after_lora_sft_keeps_one_copy_and_raises_preference_accuracy(t
 
     sft = os.path.join(lora_sft()["dir"], "checkpoints")
     rows = run_training(tmp_path / "dpo", dpo_bindings(sft) + LORA + [
-        "LoraConfig.dropout = 0.0", "train.total_steps = 12", "cosine_schedule.peak_lr = 1e-2"],
-        [DPO_GIN], base=False)
+        "LoraConfig.dropout = 0.0", "train.total_steps = 12", "cosine_schedule.peak_lr = 1e-2",
+        # downstream scores work in this objective too, through the chat template (the gin file's)
+        "train.downstream_eval_every = 12", "downstream_eval.max_samples = 2",
+        "downstream_eval.datasets = ('kinoe_commonsense_mc',)"], [DPO_GIN], base=False)
+    assert "downstream/kinoe_commonsense_mc/choice_accuracy" in rows[-1]
     evals = [r for r in rows if "eval_preference_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]
     # Step 0: the policy (merged SFT base + fresh adapters, B = 0) is the reference exactly.
