@@ -89,10 +89,37 @@ def _compilation_cache() -> str:
     return _CACHE[0]
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    """A free localhost port below the kernel's ephemeral range, never handed out twice.
+
+    A port from bind(("", 0)) is an ephemeral one: in the seconds before the coordinator binds
+    it, a socket of another run (gloo pairs, gRPC clients) may take it, and two runs started side
+    by side may be handed the same number. Ports below the ephemeral range are only taken by
+    explicit binds."""
+    import random
+
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError("no free localhost port below the ephemeral range")
 
 
 def _bindings(total_steps: int, extra=()) -> list[str]:
@@ -266,7 +293,8 @@ def test_a_failing_process_stops_all_and_is_named(failed_runs):
 
     results = failed_runs["results"][0]
     record = read_first_error(str(failed_runs["raised"]))
-    assert record and record["process"] == 1 and "injected fault in process 1 at step 2" in record["error"]
+    outputs = "\n".join(f"---- process {i} (exit {r['rc']}):\n{r['out'][-3000:]}" for i, r in enumerate(results))
+    assert record and record["process"] == 1 and "injected fault in process 1 at step 2" in record["error"], outputs
     summary = "process 1 of 2 on"
     for i, r in enumerate(results):
         assert r["rc"] != 0, f"process {i} exited 0"

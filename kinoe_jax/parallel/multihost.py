@@ -57,8 +57,8 @@ class DistributedConfig:
     shutdown_timeout_s: int = 300
     # Console verbosity of processes other than 0 (their log files always get INFO).
     other_console_level: str = "WARNING"
-    # How long a failing process 0 keeps the coordination service up so that the others can
-    # read its error before it exits.
+    # How long process 0 keeps the coordination service up after an error (its own or a peer's),
+    # so that the other processes can read it, or finish recording theirs, before JAX aborts them.
     error_grace_s: float = 3.0
 
 
@@ -265,11 +265,16 @@ def _flush_logs() -> None:
         sys.stderr.flush()
 
 
-def _stop_now(message: str) -> None:
-    """Leave at once: the other processes are gone or failing, collectives would hang."""
+def _stop_now(message: str, linger_s: float = 0.0) -> None:
+    """Leave: the other processes are gone or failing, collectives would hang.
+
+    `linger_s` keeps this process (and the coordination service, if it hosts it) alive that long
+    after saying why, so that a failing peer can finish its own record before the service goes."""
     log.error(message)
     print(f"kinoe_jax: {message}", file=sys.stderr, flush=True)
     _flush_logs()
+    if linger_s > 0:
+        time.sleep(linger_s)
     os._exit(1)
 
 
@@ -303,7 +308,10 @@ def _watch_for_errors(run: _Run) -> None:
         record = json.loads(value)
         if record.get("process") == run.process_id:
             return  # our own error: the failing thread handles the exit
-        _stop_now(_describe(record) + f"; stopping process {run.process_id}")
+        # Process 0 hosts the coordination service: leaving at once would make JAX abort the
+        # failing process before it has written DIR/logs/first_error.json.
+        _stop_now(_describe(record) + f"; stopping process {run.process_id}",
+                  linger_s=run.cfg.error_grace_s if run.process_id == 0 else 0.0)
         return
 
 
