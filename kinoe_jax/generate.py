@@ -10,63 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kinoe_jax import cli
+from kinoe_jax.config import inputs as cli
 
 INPUTS = {"--workdir": cli.directory, "--checkpoint": cli.directory, "--prompt": cli.text_arg, "--system": cli.text_arg}
-if __name__ == "__main__":  # a bad path or prompt is named before TensorFlow and JAX load
-    cli.precheck(INPUTS)
-
-import kinoe_jax.data  # noqa: F401,E402  (hides accelerators from TensorFlow)
-
-from kinoe_jax.data.vocab import BOS_ID, EOS_ID, get_vocabulary
-from kinoe_jax.inference import Engine, load_for_inference, use_workdir_tokenizer
-from kinoe_jax.inference.sampling import filter_top_p as _filter_top_p  # noqa: F401  (the one top-p filter)
-from kinoe_jax.models import ModelConfig
-
-__all__ = ["generate_ids", "generate_text", "generate_texts", "generate_chat", "generate_chats", "load_for_inference"]
-
-
-def generate_ids(cfg: ModelConfig, params, prompt_ids: list[int], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids: tuple[int, ...] = (EOS_ID,), top_k: int = 0) -> list[int]:
-    """New token ids after `prompt_ids` (which should start with BOS), one sequence."""
-    engine = Engine(cfg, params, batch_size=1)
-    return engine.generate([prompt_ids], max_new_tokens, stop_ids=stop_ids, temperature=temperature,
-                           top_p=top_p, top_k=top_k, seed=seed)[0].ids
-
-
-def generate_text(cfg: ModelConfig, params, prompt: str, max_new_tokens: int = 64, **kwargs) -> str:
-    """The continuation of `prompt` (BOS + its tokens); every process of a multi-host run calls it."""
-    return generate_texts(cfg, params, [prompt], max_new_tokens, **kwargs)[0]
-
-
-def generate_texts(cfg: ModelConfig, params, prompts: list[str], max_new_tokens: int = 64,
-                   stop_ids: tuple[int, ...] = (EOS_ID,), **kwargs) -> list[str]:
-    vocab = get_vocabulary()
-    ids = [[BOS_ID] + list(vocab.encode(p)) for p in prompts]
-    return [c.text for c in Engine(cfg, params, vocab=vocab).generate(ids, max_new_tokens, stop_ids=stop_ids,
-                                                                      **kwargs)]
-
-
-def generate_chat(cfg: ModelConfig, params, messages: list[dict], max_new_tokens: int = 256, **kwargs) -> str:
-    """The assistant's next reply to `messages` (ending with a user turn), through the chat
-    template exactly as SFT rendered it; generation stops at <|end|>."""
-    return generate_chats(cfg, params, [messages], max_new_tokens, **kwargs)[0]
-
-
-def generate_chats(cfg: ModelConfig, params, conversations: list[list[dict]], max_new_tokens: int = 256,
-                   engine: Engine | None = None, **kwargs) -> list[str]:
-    """Replies to many conversations in batches."""
-    from kinoe_jax.sft.conversation import check_messages, end_id, prompt_ids
-
-    vocab = get_vocabulary()
-    ids = [prompt_ids(check_messages(m, final_assistant=False, allow_empty=True), vocab) for m in conversations]
-    engine = engine or Engine(cfg, params, vocab=vocab)
-    out = engine.generate(ids, max_new_tokens, stop_ids=(end_id(vocab), EOS_ID), **kwargs)
-    return [c.text for c in out]
 
 
 def main(argv=None):
+    cli.precheck(INPUTS, argv)  # a bad path or prompt is named before TensorFlow and JAX load
+    from kinoe_jax.hardware import runtime
+
+    runtime.setup()
+    from kinoe_jax.inference.loading import load_for_inference, use_workdir_tokenizer
+    from kinoe_jax.inference.texts import generate_chats, generate_texts
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training workdir (latest checkpoint)")

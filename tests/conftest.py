@@ -43,9 +43,9 @@ TEST_MODEL = [
 
 def run_training(workdir, bindings=(), gin_files=(), base=True):
     """Run kinoe_jax.train in this process with a fresh gin config; returns metrics rows."""
-    from kinoe_jax import train as train_lib
-    from kinoe_jax.config_io import load_gin
-    from kinoe_jax.metrics import read_metrics
+    from kinoe_jax.training import loop as train_lib
+    from kinoe_jax.config.gin_io import load_gin
+    from kinoe_jax.training.metrics_writer import read_metrics
 
     gin.clear_config()
     load_gin([os.path.join(REPO, f) for f in gin_files], (TEST_MODEL if base else []) + list(bindings))

@@ -15,7 +15,7 @@ TINY = ["ModelConfig.vocab_size = 4000", "ModelConfig.hidden_size = 64", "ModelC
 
 
 def _preset(name, bindings=()):
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.models import ModelConfig
 
     gin.clear_config()
@@ -34,7 +34,7 @@ def _mesh(**axes):
 def test_presets_compile_on_8_devices_without_allocating(preset, fits):
     import psutil
 
-    from kinoe_jax.aot import GIB, fit_report
+    from kinoe_jax.planning.fit import GIB, fit_report
 
     cfg = _preset(preset)
     rss = psutil.Process().memory_info().rss
@@ -62,8 +62,8 @@ def test_hlo_counts_every_loop_iteration():
     the scanned program counts what the unrolled one does, and matches XLA there."""
     import dataclasses
 
-    from kinoe_jax import hlo_stats
-    from kinoe_jax.aot import compile_train_step
+    from kinoe_jax.planning import hlo_stats
+    from kinoe_jax.planning.fit import compile_train_step
     from kinoe_jax.models import ModelConfig
 
     cfg = ModelConfig(vocab_size=4000, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
@@ -85,7 +85,7 @@ def test_hlo_counts_every_loop_iteration():
 def test_loop_trip_counts_follow_start_step_and_limit():
     """A hand-written loop: i from 1 while i < 9 in steps of 2 runs 4 times (XLA unrolls its
     windowed einsums by two like this); the dot inside counts 4 times."""
-    from kinoe_jax import hlo_stats
+    from kinoe_jax.planning import hlo_stats
 
     hlo = """HloModule m
 
@@ -128,7 +128,7 @@ ENTRY %main (x: f32[8,16]) -> f32[8,16] {
 
 
 def test_cli_prints_figures_and_flags_a_misfit(tmp_path, capsys):
-    from kinoe_jax.aot import main
+    from kinoe_jax.planning.fit import main
 
     assert jax.device_count() == 8  # conftest's simulated devices: main uses them as they are
     args = ["--gin_file=gin_configs/mesh/fsdp.gin", "--num_devices=8", "--seq_len=64", "--global_batch=8",
@@ -156,8 +156,8 @@ def test_cli_prints_figures_and_flags_a_misfit(tmp_path, capsys):
 
 
 def test_targets_name_their_slice_or_the_problem():
-    from kinoe_jax import chips
-    from kinoe_jax.aot import main
+    from kinoe_jax.hardware import chips
+    from kinoe_jax.planning.fit import main
 
     t = chips.target("v5p-16")
     assert (t.platform, t.num_devices, t.topology, t.chip_config) == ("tpu", 8, "v5p:2x2x2", "megacore")
@@ -180,7 +180,7 @@ def test_targets_name_their_slice_or_the_problem():
 def test_cli_on_the_chip_compiler(tmp_path, capsys, target, kernel):
     """The tiny model compiled by libtpu / the CUDA compiler: memory, the kernels priced, FSDP
     collectives against their ideal, the roofline and the planner line."""
-    from kinoe_jax.aot import main
+    from kinoe_jax.planning.fit import main
 
     out = tmp_path / "fit.json"
     args = ["--gin_file=gin_configs/mesh/fsdp.gin", f"--target={target}", "--seq_len=256", "--global_batch=8",
@@ -211,10 +211,10 @@ def test_lora_and_dpo_state_on_the_fsdp_mesh():
     parameter tree, LoRA DPO none: what the AOT report prints, from the compiled step."""
     import dataclasses
 
-    from kinoe_jax.aot import fit_report
+    from kinoe_jax.planning.fit import fit_report
     from kinoe_jax.models import ModelConfig
     from kinoe_jax.models.lora import LoraConfig, num_adapter_params
-    from kinoe_jax.objectives import DPO
+    from kinoe_jax.training.objectives import DPO
 
     cfg = ModelConfig(vocab_size=4000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_seq_len=64)

@@ -46,15 +46,15 @@ def test_the_tiny_run_is_calm_and_the_log_file_has_everything(tmp_path):
 def test_console_filter(verbose, capsys):
     import logging
 
-    from kinoe_jax import console
+    from kinoe_jax.utils import console
 
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:
         console.setup(verbose)
         logging.getLogger("absl").info("Finished saving checkpoint")
-        logging.getLogger("kinoe_jax.train").info("mesh of 8 devices")
-        logging.getLogger("kinoe_jax.train").warning("a warning of ours")
+        logging.getLogger("kinoe_jax.training.loop").info("mesh of 8 devices")
+        logging.getLogger("kinoe_jax.training.loop").warning("a warning of ours")
         logging.getLogger("jax._src.xla_bridge").warning("a library warning")
         logging.getLogger("orbax").error("a library error")
         logging.getLogger("absl").error("Path not found: %s", "gin_configs/runs/tiny_ja.gin")

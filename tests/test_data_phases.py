@@ -10,9 +10,10 @@ import pytest
 from etils import epath
 
 from conftest import run_training
-from kinoe_jax import checkpoint as ckpt
-from kinoe_jax import optim
-from kinoe_jax.data import phases, pipeline, sources, tasks
+from kinoe_jax.training import checkpoint as ckpt
+from kinoe_jax.config import decay
+from kinoe_jax.training import optim
+from kinoe_jax.data import phases, pipeline, sources, pretraining as tasks
 from kinoe_jax.data.vocab import get_vocabulary
 
 
@@ -47,7 +48,7 @@ def _segments(batch, assistant_id):
 def test_switch_step_follows_the_wsd_decay():
     gin.parse_config(["make_optimizer.schedule = @wsd_schedule", "wsd_schedule.decay_fraction = 0.25"])
     schedule = phases.PhaseSchedule(decay_mixture="m")
-    assert schedule.switch_step(100) == optim.wsd_decay_start(100, 0.25) == 75
+    assert schedule.switch_step(100) == decay.wsd_decay_start(100, 0.25) == 75
     lr = optim.wsd_schedule(total_steps=100, peak_lr=1.0, warmup_steps=5, decay_fraction=0.25)
     assert float(lr(74)) == 1.0 and float(lr(76)) < 1.0  # the SFT data arrives with the decay
     gin.clear_config()

@@ -12,8 +12,8 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kinoe_jax.chat_template import render
-from kinoe_jax.data import pipeline, sources, tasks
+from kinoe_jax.data.chat.template import render
+from kinoe_jax.data import pipeline, sources, pretraining as tasks
 from kinoe_jax.data.vocab import CHAT_SYMBOLS, get_vocabulary
 
 SEQ_LEN = 128
@@ -245,8 +245,8 @@ def test_chat_symbols_are_single_tokens():
 
 
 def test_ja_web_config_registers_its_tasks_and_mixtures(tmp_path, jsonl_corpus):
-    from kinoe_jax import train  # noqa: F401  (the configurables a run config binds)
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.training import loop  # noqa: F401  (the configurables a run config binds)
+    from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.data import phases
 
     tfds_dir = tmp_path / "tfds"

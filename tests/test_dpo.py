@@ -14,13 +14,13 @@ import pytest
 from conftest import REPO
 from test_sft_runs import sft_runs
 
-from kinoe_jax import dpo as dpo_lib
-from kinoe_jax import train as train_lib
-from kinoe_jax.config_io import load_gin
+from kinoe_jax.training.objectives import dpo as dpo_lib
+from kinoe_jax.training import loop as train_lib
+from kinoe_jax.config.gin_io import load_gin
 from kinoe_jax.data.vocab import BOS_ID, get_vocabulary
-from kinoe_jax.metrics import read_metrics
-from kinoe_jax.sft.conversation import encode, end_id
-from kinoe_jax.sft.preference import load_pairs
+from kinoe_jax.training.metrics_writer import read_metrics
+from kinoe_jax.data.chat.conversation import encode, end_id
+from kinoe_jax.data.chat.preference import load_pairs
 
 
 def test_builtin_pairs_load_with_the_reply_as_the_only_trained_tokens():

@@ -69,7 +69,7 @@ def test_loss_plot_shows_downstream_scores_beside_the_loss(tmp_path):
 
     import matplotlib.image
 
-    from kinoe_jax.metrics import plot_loss
+    from kinoe_jax.training.metrics_writer import plot_loss
 
     widths = {}
     for name, every in (("plain", 0), ("with_downstream", 5)):

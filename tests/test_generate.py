@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from kinoe_jax import generate
+from kinoe_jax.inference import texts as generate
 from kinoe_jax.models import ModelConfig
 
 CFG = ModelConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,

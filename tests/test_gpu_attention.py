@@ -52,8 +52,8 @@ def test_auto_chooses_by_platform():
 
 @pytest.mark.slow
 def test_training_step_compiles_with_cudnn_for_8_h100s():
-    from kinoe_jax import chips
-    from kinoe_jax.aot import compile_train_step
+    from kinoe_jax.hardware import chips
+    from kinoe_jax.planning.fit import compile_train_step
     from kinoe_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=chips.target("h100-8").devices())

@@ -56,7 +56,8 @@ def _greedy_both(checkpoint_workdir, hf_dir, prompt, n):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kinoe_jax.generate import generate_ids, load_for_inference
+    from kinoe_jax.inference.loading import load_for_inference
+    from kinoe_jax.inference.texts import generate_ids
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -114,9 +115,10 @@ def test_import_is_what_train_py_restores(ckpt, tmp_path):
     import jax
     import tensorflow as tf
 
-    from kinoe_jax import checkpoint as ckpt_lib
-    from kinoe_jax import optim, train
-    from kinoe_jax.generate import load_for_inference
+    from kinoe_jax.training import checkpoint as ckpt_lib
+    from kinoe_jax.training import optim
+    from kinoe_jax.training import loop as train
+    from kinoe_jax.inference.loading import load_for_inference
     from kinoe_jax.models import Transformer
     from kinoe_jax.parallel.mesh import make_mesh
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from kinoe_jax.chat_template import render, segments
+from kinoe_jax.data.chat.template import render, segments
 from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER
 from kinoe_jax.hf import tokenizer as tok_lib
 

@@ -58,7 +58,7 @@ def test_batched_greedy_equals_recomputing_the_sequence(window, scan, tied):
     assert [c.ids for c in out] == _greedy_without_cache(cfg, params, prompts, 7)
     assert {c.finish_reason for c in out} == {"length"}
     if scan:  # one prompt at a time (the single-prompt path) gives the same tokens
-        from kinoe_jax.generate import generate_ids
+        from kinoe_jax.inference.texts import generate_ids
 
         for i in (2, 4):
             assert generate_ids(cfg, params, prompts[i], 7, stop_ids=()) == out[i].ids

@@ -25,7 +25,7 @@ def _work(process_id: int, count: int, port: int, out: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from kinoe_jax.generate import generate_text
+    from kinoe_jax.inference.texts import generate_text
     from kinoe_jax.inference import Engine
     from kinoe_jax.inference.loading import param_shardings
     from kinoe_jax.models import ModelConfig, Transformer

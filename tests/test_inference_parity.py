@@ -29,7 +29,7 @@ def _prompts(vocab) -> list[list[int]]:
 @pytest.mark.slow
 def test_engine_single_prompt_path_and_transformers_agree(tmp_path):
     from kinoe_jax.data.vocab import get_vocabulary
-    from kinoe_jax.generate import generate_ids
+    from kinoe_jax.inference.texts import generate_ids
     from kinoe_jax.hf.export import convert_to_hf
     from kinoe_jax.inference import Engine, load_for_inference
 

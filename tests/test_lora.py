@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kinoe_jax.models import ModelConfig, Transformer
+from kinoe_jax.models import adapters as adapters_lib
 from kinoe_jax.models import lora
 from kinoe_jax.models.lora import LoraConfig
 
@@ -50,7 +51,7 @@ def test_fresh_adapters_reproduce_the_base_bitwise():
     base_logits = _logits(BASE, base)
     np.testing.assert_array_equal(_logits(LORA, own), base_logits)
     # Adapters added to a tree that has none (a kinoe checkpoint, an HF import): also exact.
-    with_adapters = jax.jit(lambda b, k: lora.init_adapters(LORA, b, k))(base, jax.random.PRNGKey(5))
+    with_adapters = jax.jit(lambda b, k: adapters_lib.init_adapters(LORA, b, k))(base, jax.random.PRNGKey(5))
     assert jax.tree.structure(with_adapters) == jax.tree.structure(own)
     a = with_adapters["layers"]["layer"]["attn"]["q_proj"]["lora_a"]
     assert a.shape == (2, 32, 4) and 0.08 < float(jnp.std(a)) < 0.13  # U(+-1/sqrt(32)): std 0.102
@@ -81,7 +82,7 @@ def test_tree_helpers_split_and_rejoin():
     assert sum(jax.tree.leaves(lora.adapter_mask(params))) == n_adapters
     assert sum(x.size for x in jax.tree.leaves(adapters)) == lora.num_adapter_params(LORA)
     paths = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
-    assert set(lora.adapter_shapes(LORA)) == paths
+    assert set(adapters_lib.adapter_shapes(LORA)) == paths
     assert lora.is_adapter(("layers", "layer", "mlp", "up_proj", "lora_b"))
     assert not lora.is_adapter(("layers", "layer", "mlp", "up_proj", "kernel"))
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from kinoe_jax.data.vocab import BUILTIN_TOKENIZER
-from kinoe_jax.hf import ConversionError, convert_to_hf
+from kinoe_jax.hf import convert_to_hf
 from kinoe_jax.hf.mapping import param_shapes
 from kinoe_jax.hf.safetensors_io import SafetensorsReader
 from kinoe_jax.models import ModelConfig
@@ -51,7 +51,7 @@ def _random_params(cfg, seed=0):
 
 def _save(work, cfg, params, step):
     """DIR/checkpoints/<step> through the training manager, and the run's tokenizer beside it."""
-    from kinoe_jax import checkpoint as ckpt_lib
+    from kinoe_jax.training import checkpoint as ckpt_lib
 
     manager = ckpt_lib.make_manager(str(work / "checkpoints"), ckpt_lib.CheckpointConfig(async_save=False))
     state = {"step": jnp.int32(step), "params": {k: v for k, v in params.items()}}
@@ -84,7 +84,8 @@ def test_adapter_loads_in_peft_and_matches_kinoe_and_the_merged_model(runs, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kinoe_jax.generate import generate_ids, load_for_inference
+    from kinoe_jax.inference.loading import load_for_inference
+    from kinoe_jax.inference.texts import generate_ids
     from kinoe_jax.hf.verify import kinoe_logits
 
     root, params, lora_ckpt, base_hf = runs

@@ -11,8 +11,8 @@ from conftest import run_training
 from test_dpo import DPO_GIN, dpo_bindings
 from test_sft_runs import SFT_BINDINGS, sft_runs
 
-from kinoe_jax.generate import load_for_inference
-from kinoe_jax.models import lora as lora_lib
+from kinoe_jax.inference.loading import load_for_inference
+from kinoe_jax.models.stored import read_model_config
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,8 @@ def test_lora_sft_trains_adapters_and_leaves_the_base_bitwise_unchanged():
 def test_lora_state_has_optimizer_moments_only_for_the_adapters():
     import jax
 
-    from kinoe_jax import checkpoint as ckpt
 
-    step, fields = ckpt.read_model_config(os.path.join(lora_sft()["dir"], "checkpoints"))
+    step, fields = read_model_config(os.path.join(lora_sft()["dir"], "checkpoints"))
     meta_dir = os.path.join(lora_sft()["dir"], "checkpoints", str(step), "state")
     import orbax.checkpoint as ocp
 
@@ -71,8 +70,8 @@ def test_lora_state_has_optimizer_moments_only_for_the_adapters():
 
 
 def test_lora_dpo_after_lora_sft_keeps_one_copy_and_raises_preference_accuracy(tmp_path):
-    from kinoe_jax.objectives.dpo import DPO
-    from kinoe_jax.objectives.base import RunInfo
+    from kinoe_jax.training.objectives.dpo import DPO
+    from kinoe_jax.training.objectives.base import RunInfo
 
     sft = os.path.join(lora_sft()["dir"], "checkpoints")
     rows = run_training(tmp_path / "dpo", dpo_bindings(sft) + LORA + [

@@ -82,7 +82,7 @@ def test_partial_rotary_leaves_tail_untouched():
 
 @pytest.mark.parametrize("window,scan", [(None, True), (3, False)])
 def test_kv_cache_decoding_matches_full_forward(window, scan):
-    from kinoe_jax.generate import generate_ids
+    from kinoe_jax.inference.texts import generate_ids
 
     cfg = dataclasses.replace(CFG, sliding_window=window, scan_layers=scan)
     model, params = _init(cfg)
@@ -97,7 +97,7 @@ def test_kv_cache_decoding_matches_full_forward(window, scan):
 
 
 def test_top_p_keeps_the_nucleus():
-    from kinoe_jax.generate import _filter_top_p
+    from kinoe_jax.inference.sampling import filter_top_p as _filter_top_p
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     kept = np.isfinite(np.asarray(_filter_top_p(logits, 0.75)))[0]
@@ -133,7 +133,7 @@ def test_chunked_attention_equals_one_block(window):
 def _lowered_text(cfg):
     import optax
 
-    from kinoe_jax.train import make_train_step
+    from kinoe_jax.training.step import make_train_step
 
     model, params = _init(cfg)
     tx = optax.adamw(1e-3)

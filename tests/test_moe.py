@@ -274,8 +274,8 @@ def test_kv_cache_decoding_matches_full_forward():
 def test_presets():
     import gin
 
-    import kinoe_jax.train  # noqa: F401  (registers the configurables the run file binds)
-    from kinoe_jax.config_io import load_gin
+    import kinoe_jax.training.loop  # noqa: F401  (registers the configurables the run file binds)
+    from kinoe_jax.config.gin_io import load_gin
 
     load_gin([os.path.join(REPO, "gin_configs/models/mixtral_8x7b.gin")], [])
     mixtral = ModelConfig()

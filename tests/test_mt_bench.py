@@ -98,7 +98,7 @@ def test_answers_from_a_checkpoint_and_from_its_hf_export(tmp_path):
     # greedy answers.
     from kinoe_jax.data.vocab import get_vocabulary
     from kinoe_jax.hf.export import convert_to_hf
-    from kinoe_jax.sft.conversation import prompt_ids
+    from kinoe_jax.data.chat.conversation import prompt_ids
 
     hf_dir = tmp_path / "hf"
     convert_to_hf(os.path.join(sft, "checkpoints"), str(hf_dir), progress=False, log=lambda *a: None)

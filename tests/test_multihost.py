@@ -49,7 +49,7 @@ def register_fixed_length_task(seq_len: int = SEQ_LEN) -> None:
     import seqio
     import tensorflow as tf
 
-    from kinoe_jax.data import tasks
+    from kinoe_jax.data import pretraining as tasks
 
     rows = fixed_length_rows(seq_len)
 
@@ -176,7 +176,7 @@ def wait_all(groups: list[list[subprocess.Popen]], timeout: float = 400) -> list
 
 
 def losses(workdir) -> dict[int, float]:
-    from kinoe_jax.metrics import read_metrics
+    from kinoe_jax.training.metrics_writer import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
 
@@ -192,7 +192,7 @@ def test_data_shards_are_disjoint_and_cover_one_process():
     built-in corpus has 2), by example otherwise (3 processes; the fixed-length task)."""
     from collections import Counter
 
-    from kinoe_jax.data import pipeline, tasks
+    from kinoe_jax.data import pipeline, pretraining as tasks
 
     tasks.register_builtin()
     register_fixed_length_task()
@@ -233,7 +233,7 @@ def base_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_match_one(base_runs):
-    from kinoe_jax.metrics import read_metrics
+    from kinoe_jax.training.metrics_writer import read_metrics
 
     one, two = losses(base_runs["one"]), losses(base_runs["two"])
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
@@ -396,5 +396,5 @@ def test_tpu_pod_launcher_dry_run(tmp_path, capsys):
 
     with tarfile.open(tpu_pod.pack(str(tmp_path))) as tar:
         names = tar.getnames()
-    assert "kinoe_jax/train.py" in names and "gin_configs/runs/tiny_ja.gin" in names
+    assert "kinoe_jax/training/loop.py" in names and "gin_configs/runs/tiny_ja.gin" in names
     assert not any("__pycache__" in n or n.startswith(".venv") for n in names)

@@ -19,13 +19,15 @@ import optax
 import pytest
 
 from conftest import run_training
-from kinoe_jax.config_io import ConfigError
-from kinoe_jax.resilience import Faults, StepGuard, skip_bad_update
-from kinoe_jax.resilience.alerts import Alerter
-from kinoe_jax.resilience.diskspace import DiskGuard, state_bytes
-from kinoe_jax.resilience.preemption import PreemptionGuard
-from kinoe_jax.resilience.validation import DataError, check_batch, find_secrets, validate_run
-from kinoe_jax.resilience.watchdog import Watchdog
+from kinoe_jax.utils.errors import ConfigError
+from kinoe_jax.training.resilience import Faults, StepGuard, skip_bad_update
+from kinoe_jax.training.resilience.alerts import Alerter
+from kinoe_jax.training.resilience.diskspace import DiskGuard, state_bytes
+from kinoe_jax.training.resilience.preemption import PreemptionGuard
+from kinoe_jax.data.batch_checks import check_batch
+from kinoe_jax.training.resilience.run_checks import find_secrets, validate_run
+from kinoe_jax.utils.errors import DataError
+from kinoe_jax.training.resilience.watchdog import Watchdog
 
 
 # ----------------------------------------------------------------------------- the in-step skip
@@ -246,7 +248,7 @@ def test_alerts_go_through_wandb_offline(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- validation
 def test_config_problems_are_all_named_by_their_gin_binding():
-    from kinoe_jax.checkpoint import CheckpointConfig
+    from kinoe_jax.training.checkpoint import CheckpointConfig
     from kinoe_jax.data.pipeline import DataConfig
     from kinoe_jax.models import ModelConfig
 

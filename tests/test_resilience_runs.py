@@ -333,7 +333,7 @@ def test_a_stalled_step_fires_the_watchdog(runs):
 
 # ----------------------------------------------------------------------------- disk space
 def test_a_full_disk_skips_the_save_alerts_and_keeps_the_checkpoints(runs):
-    from kinoe_jax.resilience import TrainingHalted
+    from kinoe_jax.training.resilience import TrainingHalted
 
     disk = runs["disk"]
     assert isinstance(disk.get("error"), TrainingHalted), disk.get("error")
@@ -353,7 +353,7 @@ def test_a_full_disk_skips_the_save_alerts_and_keeps_the_checkpoints(runs):
 def test_consecutive_bad_steps_stop_the_run_with_a_good_checkpoint(runs):
     import jax
 
-    from kinoe_jax.resilience import TrainingHalted
+    from kinoe_jax.training.resilience import TrainingHalted
 
     halt = runs["halt"]
     err = halt.get("error")
@@ -381,11 +381,11 @@ def _restore_latest(ckpt_dir, notify=None):
     import gin
     import jax
 
-    from kinoe_jax import checkpoint as ckpt
-    from kinoe_jax import optim
-    from kinoe_jax import train as train_lib
-    from kinoe_jax.config_io import load_gin
-    from kinoe_jax.data import pipeline, tasks
+    from kinoe_jax.training import checkpoint as ckpt
+    from kinoe_jax.training import optim
+    from kinoe_jax.training import state as state_lib
+    from kinoe_jax.config.gin_io import load_gin
+    from kinoe_jax.data import pipeline, pretraining as tasks
     from kinoe_jax.models import ModelConfig, Transformer
     from kinoe_jax.parallel.mesh import make_mesh
 
@@ -395,7 +395,7 @@ def _restore_latest(ckpt_dir, notify=None):
         cfg, data = ModelConfig(), pipeline.DataConfig()
         mesh, model = make_mesh(), Transformer(ModelConfig())
         tx, _ = optim.make_optimizer(STEPS)
-        abstract, _, _ = train_lib.abstract_state(model, cfg, tx, mesh, data.seq_len, False, 0)
+        abstract, _, _ = state_lib.abstract_state(model, cfg, tx, mesh, data.seq_len, False, 0)
         tasks.register_builtin()
         data_iter = iter(pipeline.train_dataset(data))
         manager = ckpt.make_manager(str(ckpt_dir), ckpt.CheckpointConfig(async_save=False))
@@ -406,7 +406,7 @@ def _restore_latest(ckpt_dir, notify=None):
 
 
 def test_damaged_checkpoints_fall_back_to_the_newest_good_one(runs, tmp_path):
-    from kinoe_jax.resilience.integrity import CheckpointUnusableError
+    from kinoe_jax.training.resilience.integrity import CheckpointUnusableError
 
     src = runs["root"] / "pre" / "checkpoints"
     steps = sorted(int(n) for n in os.listdir(src) if n.isdigit())
@@ -442,7 +442,7 @@ jax.config.update("jax_enable_preemption_service", use_service)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 import orbax.checkpoint as ocp
-from kinoe_jax.resilience.preemption import PreemptionGuard
+from kinoe_jax.training.resilience.preemption import PreemptionGuard
 guard = PreemptionGuard(ocp.CheckpointManager(ckdir))
 guard.install()
 for step in range(1, 600):

@@ -5,15 +5,16 @@ import types
 
 import gin
 
-from kinoe_jax import optim
-from kinoe_jax.schedule_check import changes, describe_schedule, warn_if_changed
+from kinoe_jax.config import decay
+from kinoe_jax.training import optim
+from kinoe_jax.training.schedule_check import changes, describe_schedule, warn_if_changed
 
 
 def _tiny(total_steps):
     gin.parse_config([f"train.total_steps = {total_steps}", "wsd_schedule.decay_fraction = 0.2"],
                      skip_unknown=True)
     schedule = optim.wsd_schedule(total_steps, peak_lr=3e-3, warmup_steps=30, decay_fraction=0.2, final_lr=3e-5)
-    switch = optim.wsd_decay_start(total_steps, 0.2)
+    switch = decay.wsd_decay_start(total_steps, 0.2)
     phases = types.SimpleNamespace(starts=(0, switch), names=("kinoe_ja_builtin", "kinoe_ja_builtin_decay"))
     return describe_schedule(schedule, total_steps, phases)
 

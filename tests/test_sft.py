@@ -7,11 +7,11 @@ import os
 import gin
 import pytest
 
-from kinoe_jax import chat_template
+from kinoe_jax.data.chat import template as chat_template
 from kinoe_jax.data import pipeline
 from kinoe_jax.data.vocab import BOS_ID, get_vocabulary
 from kinoe_jax.sft import tasks
-from kinoe_jax.sft.conversation import BadExample, check_messages, encode, end_id
+from kinoe_jax.data.chat.conversation import BadExample, check_messages, encode, end_id
 
 SFT_FILES = [os.path.join(tasks.BUILTIN_SFT_DIR, f) for f in tasks.BUILTIN_SFT_FILES]
 SFT_BINDINGS = ["make_feature_converter.converter_cls = @SftFeatureConverter",

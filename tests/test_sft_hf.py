@@ -9,7 +9,7 @@ import pytest
 
 from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER, get_vocabulary
 from kinoe_jax.sft import tasks
-from kinoe_jax.sft.conversation import encode, prompt_ids
+from kinoe_jax.data.chat.conversation import encode, prompt_ids
 
 pytest.importorskip("transformers")
 

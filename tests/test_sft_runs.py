@@ -79,7 +79,7 @@ def test_sft_run_from_a_pretrained_checkpoint():
     assert os.path.isdir(os.path.join(runs["sft"], "checkpoints", str(SFT_STEPS)))
 
     # The trainer's token count is the assistant-token count of the same first batch.
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.config.gin_io import load_gin
 
     load_gin([os.path.join(REPO, "gin_configs/models/tiny_ja.gin")], TEST_MODEL + SFT_BINDINGS)
     tasks.register_sft_task("sft_senryu", SENRYU)
@@ -91,7 +91,7 @@ def test_sft_run_from_a_pretrained_checkpoint():
 
 @pytest.mark.slow
 def test_generate_chat_cli_answers_from_the_sft_workdir(capsys):
-    from kinoe_jax import generate
+    from kinoe_jax.inference import texts as generate
 
     reply = generate.main([f"--workdir={sft_runs()['sft']}", "--chat", "--system=短く答えます。",
                            "--prompt=猫の川柳をお願いします。", "--max_new_tokens=5"])

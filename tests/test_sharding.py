@@ -29,10 +29,10 @@ def test_losses_agree_across_meshes(tmp_path, train_run):
 def _state_on_mesh(mesh_kwargs, zero1=False):
     import flax.linen as nn  # noqa: F401
 
-    from kinoe_jax import optim
+    from kinoe_jax.training import optim
     from kinoe_jax.models import ModelConfig, Transformer
     from kinoe_jax.parallel.mesh import make_mesh
-    from kinoe_jax.train import abstract_state, init_state
+    from kinoe_jax.training.state import abstract_state, init_state
 
     cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_seq_len=32)

@@ -113,8 +113,8 @@ def test_remat_keeps_the_kernel_residuals(capsys):
 @pytest.mark.slow
 def test_training_step_compiles_for_a_v5p_slice():
     """The whole step with splash, on libtpu's compiler for 8 v5p chips (data, fsdp, tensor = 2)."""
-    from kinoe_jax import chips
-    from kinoe_jax.aot import compile_train_step
+    from kinoe_jax.hardware import chips
+    from kinoe_jax.planning.fit import compile_train_step
     from kinoe_jax.parallel.mesh import make_mesh
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=chips.target("v5p-16").devices())

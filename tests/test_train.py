@@ -1,6 +1,5 @@
 """The training loop end to end: exact resume, restore onto another mesh, outputs, config errors."""
 
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ def test_resume_is_exact(tmp_path, caplog):
     assert (part / "checkpoints" / "3").is_dir()
     # The same command with a larger step budget continues from step 3 with the same data,
     # and says that the schedule is not the one the checkpoint was on.
-    with caplog.at_level("WARNING", logger="kinoe_jax.schedule_check"):
+    with caplog.at_level("WARNING", logger="kinoe_jax.training.schedule_check"):
         resumed = _losses(run_training(part, ["train.total_steps = 6", "CheckpointConfig.save_every = 3"]))
     assert "resuming at step 3 under a changed schedule: train.total_steps 3 -> 6" in caplog.text
     assert sorted(resumed) == list(range(1, 7))
@@ -93,7 +92,8 @@ def test_missing_gin_file_is_a_clear_error(tmp_path):
 
 
 def test_schedules():
-    from kinoe_jax.optim import cosine_schedule, wsd_decay_start, wsd_schedule
+    from kinoe_jax.config.decay import wsd_decay_start
+    from kinoe_jax.training.optim import cosine_schedule, wsd_schedule
 
     wsd = wsd_schedule(total_steps=100, peak_lr=1.0, warmup_steps=10, decay_fraction=0.2, final_lr=0.01)
     assert float(wsd(5)) == pytest.approx(0.5)
@@ -108,7 +108,7 @@ def test_schedules():
 
 
 def test_weight_decay_mask_spares_norms_and_embeddings():
-    from kinoe_jax.optim import decay_mask
+    from kinoe_jax.training.optim import decay_mask
 
     params = {"embed": {"embedding": 1}, "final_norm": {"scale": 1}, "layers": {"layer": {
         "attn": {"q_proj": {"kernel": 1}}, "mlp_norm": {"scale": 1}}}, "lm_head": {"kernel": 1}}

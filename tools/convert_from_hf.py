@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kinoe_jax.hf.mapping import ConversionError  # noqa: E402
+from kinoe_jax.utils.atomic import OutputExists  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    from kinoe_jax import cli
+    from kinoe_jax.config import inputs as cli
 
     cli.check_args(parser, args, {"--hf_dir": cli.directory, "--gin_file": cli.gin_file})
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         result = convert_from_hf(args.hf_dir, args.output_dir, overwrite=args.overwrite,
                                  params_only=args.params_only, gin_files=args.gin_file,
                                  gin_bindings=args.gin_bindings, progress=not args.no_progress)
-    except ConversionError as e:
+    except (ConversionError, OutputExists) as e:  # an existing output is named the same way
         print(f"convert_from_hf: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {result.checkpoint_dir}/0 and {result.gin_file} ({result.num_tensors} tensors, "

@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kinoe_jax.hf.mapping import ConversionError  # noqa: E402
+from kinoe_jax.utils.atomic import OutputExists  # noqa: E402
 
 
 def _size(text: str) -> int:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                         help="with --lora=adapter: the HF model (directory or hub name) the adapter is loaded onto")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    from kinoe_jax import cli
+    from kinoe_jax.config import inputs as cli
 
     cli.check_args(parser, args, {"--checkpoint_dir": cli.directory, "--tokenizer": cli.data_file})
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                                overwrite=args.overwrite, verify=args.verify, tokenizer=args.tokenizer,
                                max_shard_bytes=_size(args.max_shard_size), read_budget=_size(args.read_budget),
                                progress=not args.no_progress, lora=args.lora, base_model=args.base_model)
-    except ConversionError as e:
+    except (ConversionError, OutputExists) as e:  # an existing output is named the same way
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {result.output_dir}: step {result.step}, {result.num_tensors} tensors in {result.num_shards} "

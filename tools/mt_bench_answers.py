@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=16, help="with --workdir/--checkpoint: questions per batch")
     args = parser.parse_args(argv)
 
-    from kinoe_jax import cli
+    from kinoe_jax.config import inputs as cli
 
     source_flag = "--hf_dir" if args.hf_dir else "--workdir" if args.workdir else "--checkpoint"
     source = args.hf_dir or args.workdir or args.checkpoint

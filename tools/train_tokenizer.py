@@ -28,7 +28,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kinoe_jax import cli  # noqa: E402
+from kinoe_jax.config import inputs as cli  # noqa: E402
 
 
 def _jsonl_files(flag: str, pattern: str) -> list[str]:
@@ -105,8 +105,8 @@ def sample(texts, k: int, seed: int) -> list[str]:
 
 def task_texts(name: str, split: str, limit: int, seed: int, gin_files, gin_bindings) -> list[str]:
     """Raw texts of a seqio task or mixture, registered the way training registers them."""
-    from kinoe_jax import train  # noqa: F401  (every configurable a run's gin files may bind)
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.training import loop  # noqa: F401  (every configurable a run's gin files may bind)
+    from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.data import sources
 
     load_gin(gin_files, gin_bindings)

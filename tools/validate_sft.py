@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
     args = parser.parse_args(argv)
 
-    from kinoe_jax import cli
+    from kinoe_jax.config import inputs as cli
 
     paths = []
     with cli.reported(parser):  # before the tokenizer and TensorFlow load

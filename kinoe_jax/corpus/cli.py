@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from kinoe_jax.cli import JSONL, InputError, text_file, text_files
+from kinoe_jax.config.inputs import JSONL, InputError, text_file, text_files
 from kinoe_jax.corpus.config import ConfigError, load_config
 from kinoe_jax.corpus.filters import QualityFilter
 from kinoe_jax.corpus.io import InputNotFoundError, OutputExistsError, is_remote, resolve_inputs

@@ -5,7 +5,7 @@
     PhaseSchedule.decay_fraction = None                       # None: WSD's decay_fraction, else 0.2
 
 Steps [0, switch) read DataConfig.mixture, steps [switch, total) read the decay mixture. With the
-WSD schedule the switch is exactly optim.wsd_decay_start, the first step whose learning rate decays.
+WSD schedule the switch is exactly kinoe_jax.config.decay.wsd_decay_start, the first step whose learning rate decays.
 
 Both phases' tf.data iterators live in one tf.Module, so the checkpoint's data_iter item
 (tf.train.Checkpoint(iterator=...)) saves both and a resumed run, before or after the switch,
@@ -15,33 +15,17 @@ reads exactly the batches the uninterrupted run would have read.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 
 import gin
 import tensorflow as tf
 
-from kinoe_jax import optim
+from kinoe_jax.config.decay import wsd_decay_fraction, wsd_decay_start
 from kinoe_jax.data import pipeline, sources  # noqa: F401  (sources: gin configurables for data files)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DECAY_FRACTION = 0.2
-
-
-def wsd_decay_fraction() -> float | None:
-    """The decay fraction the gin-configured WSD schedule will use, or None when WSD is not in use."""
-    try:
-        schedule = gin.query_parameter("make_optimizer.schedule")
-    except ValueError:
-        return None
-    configurable = getattr(schedule, "configurable", None)
-    if getattr(configurable, "name", None) != "wsd_schedule":
-        return None
-    try:
-        return float(gin.query_parameter("wsd_schedule.decay_fraction"))
-    except ValueError:
-        return inspect.signature(optim.wsd_schedule).parameters["decay_fraction"].default
 
 
 @gin.configurable
@@ -67,7 +51,7 @@ class PhaseSchedule:
 
     def switch_step(self, total_steps: int) -> int:
         # The same rounding as the WSD schedule, so both turn at the same step.
-        return optim.wsd_decay_start(total_steps, self.fraction())
+        return wsd_decay_start(total_steps, self.fraction())
 
 
 class PhasedIterator(tf.Module):

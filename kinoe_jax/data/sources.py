@@ -2,7 +2,7 @@
 
 - Japanese Wikipedia and Japanese mC4 through their TFDS builders (prepared TFRecords; a
   training job never starts a Beam build of its own).
-- JSONL / JSONL.gz shards: kinoe_jax.data.tasks.register_jsonl_task.
+- JSONL / JSONL.gz shards: kinoe_jax.data.pretraining.register_jsonl_task.
 - Chat conversations ({"messages": [...]}) rendered with THE chat template into plain text, so
   the SFT sets can enter the pretraining decay phase with an ordinary LM loss on every token.
 
@@ -26,9 +26,9 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kinoe_jax.chat_template import render
+from kinoe_jax.data.chat.template import render
 from kinoe_jax.data import preprocessors as prep
-from kinoe_jax.data import tasks
+from kinoe_jax.data import pretraining
 from kinoe_jax.data.vocab import BUILTIN_DIR
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def register_tfds_task(name: str, tfds_name: str, splits: dict[str, str],
             prep.append_eos,
             prep.split_to_length,
         ],
-        output_features=tasks.output_features(vocab),
+        output_features=pretraining.output_features(vocab),
     )
 
 
@@ -198,14 +198,14 @@ def register_chat_text_task(name: str, train_pattern, validation_pattern=None,
         seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(
         name,
-        source=tasks.JsonlDataSource(splits),
+        source=pretraining.JsonlDataSource(splits),
         preprocessors=[
             functools.partial(parse_chat_jsonl, messages_field=messages_field),
             functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
             prep.append_eos,
             prep.split_to_length,
         ],
-        output_features=tasks.output_features(vocab),
+        output_features=pretraining.output_features(vocab),
     )
 
 
@@ -272,7 +272,7 @@ def register_data(task_fns=(), mixtures: dict | None = None, builtin: bool = Tru
     relative numbers of examples (chunks of at most seq_len tokens), normalised by seqio.
     """
     if builtin:
-        tasks.register_builtin()
+        pretraining.register_builtin()
     if builtin_sft_text:
         register_builtin_sft_text()
     for fn in task_fns:
@@ -285,4 +285,4 @@ def register_data(task_fns=(), mixtures: dict | None = None, builtin: bool = Tru
         bad = {k: v for k, v in rates.items() if not isinstance(v, (int, float)) or v < 0}
         if bad or not any(rates.values()):
             raise DataSourceError(f"mixture {name!r}: rates must be non-negative numbers, not all 0: {rates}")
-        tasks.register_mixture(name, {k: float(v) for k, v in rates.items()})
+        pretraining.register_mixture(name, {k: float(v) for k, v in rates.items()})

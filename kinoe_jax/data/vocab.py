@@ -13,7 +13,7 @@ BUILTIN_TOKENIZER = os.path.join(BUILTIN_DIR, "tokenizer", "kinoe_ja.model")
 
 # Fixed ids, set when the tokenizer is trained (tools/train_tokenizer.py): seqio pads with 0.
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
-# Control pieces reserved for the chat template (kinoe_jax/chat_template.py uses them).
+# Control pieces reserved for the chat template (kinoe_jax/data/chat/template.py uses them).
 CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 
-from kinoe_jax import cli
+from kinoe_jax.config import inputs as cli
 
 
 def _prompt_files(flag: str, pattern: str) -> list[str]:
@@ -42,7 +42,9 @@ INPUTS = {"--workdir": cli.directory, "--prompts": _prompt_files}
 if __name__ == "__main__":  # a bad path is named before TensorFlow and JAX load
     cli.precheck(INPUTS)
 
-import kinoe_jax.data  # noqa: F401,E402  (hides accelerators from TensorFlow)
+from kinoe_jax.hardware import runtime  # noqa: E402
+
+runtime.setup()  # the platform settled and accelerators hidden from TensorFlow, before JAX starts
 
 from kinoe_jax.eval import dumps as dumps_lib  # noqa: E402
 
@@ -55,7 +57,7 @@ def run_inference(args, dumps: list[tuple[str, dict]]) -> str:
 
     from kinoe_jax import __version__
     from kinoe_jax.eval.generation import generate_dataset
-    from kinoe_jax.hf.atomic import atomic_directory
+    from kinoe_jax.utils.atomic import atomic_directory
     from kinoe_jax.inference import Engine, PromptTooLong, load_for_inference, use_workdir_tokenizer
     from kinoe_jax.inference.loading import checkpoint_location
 
@@ -135,7 +137,7 @@ def _total(profiles: dict) -> dict:
 
 
 def _step_of(checkpoint_dir: str, step):
-    from kinoe_jax.checkpoint import read_model_config
+    from kinoe_jax.models.stored import read_model_config
 
     return read_model_config(checkpoint_dir, step)[0]
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from kinoe_jax.hf import hf_config, peft_adapter, tokenizer as tok_lib
-from kinoe_jax.hf.atomic import atomic_directory, check_output
+from kinoe_jax.utils.atomic import atomic_directory, check_output
 from kinoe_jax.hf.mapping import ConversionError, Entry, entries, param_shapes
 from kinoe_jax.hf.orbax_io import CheckpointReader
 from kinoe_jax.hf.safetensors_io import (NP_DTYPES, ST_DTYPES, PlannedTensor, ShardWriter, plan_shards, shard_name,

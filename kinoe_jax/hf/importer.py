@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from kinoe_jax.hf import hf_config
-from kinoe_jax.hf.atomic import atomic_directory, check_output
+from kinoe_jax.utils.atomic import atomic_directory, check_output
 from kinoe_jax.hf.mapping import IGNORED_HF_TENSORS, ConversionError, Entry, entries, param_shapes
 from kinoe_jax.hf.orbax_io import LazyArray, write_checkpoint
 from kinoe_jax.hf.safetensors_io import SafetensorsReader
@@ -86,15 +86,15 @@ def lazy_train_state(params: dict, gin_files=(), gin_bindings=()) -> dict:
     import gin
     import jax
 
-    from kinoe_jax import optim
+    from kinoe_jax.training import optim
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params,
                             is_leaf=lambda x: isinstance(x, LazyArray))
     depth = {tuple(str(getattr(k, "key", k)) for k in p): a.depth
              for p, a in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, LazyArray))[0]}
     if gin_files or gin_bindings:
-        import kinoe_jax.train  # noqa: F401  (registers every configurable a run config names)
-        from kinoe_jax.config_io import load_gin
+        import kinoe_jax.training.loop  # noqa: F401  (registers every configurable a run config names)
+        from kinoe_jax.config.gin_io import load_gin
 
         load_gin(list(gin_files), list(gin_bindings))
     try:

@@ -22,7 +22,7 @@ import tensorstore as ts
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from kinoe_jax.checkpoint import read_model_config
+from kinoe_jax.models.stored import read_model_config
 from kinoe_jax.hf.mapping import ConversionError
 
 

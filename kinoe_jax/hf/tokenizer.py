@@ -53,7 +53,7 @@ def special_ids(proto) -> dict[str, int]:
 
 def stop_ids(proto) -> list[int]:
     """EOS plus the chat template's end-of-turn piece, so HF generate stops after a reply."""
-    from kinoe_jax.chat_template import END
+    from kinoe_jax.data.chat.template import END
 
     ids = [proto.trainer_spec.eos_id]
     ids += [i for i, p in enumerate(proto.pieces) if p.piece == END]
@@ -198,7 +198,7 @@ def tokenizer_config(proto, model_max_length: int, chat_template: str) -> dict:
 
 def export(model_path: str, out_dir: str, model_max_length: int) -> dict[str, int]:
     """Write the tokenizer files into out_dir; returns the special ids for config.json."""
-    from kinoe_jax.chat_template import JINJA
+    from kinoe_jax.data.chat.template import JINJA
 
     proto = load_proto(model_path)
     check_supported(proto, model_path)

@@ -26,7 +26,7 @@ def load_for_inference(path: str, step: int | None = None, mesh=None):
     import orbax.checkpoint as ocp
     from etils import epath
 
-    from kinoe_jax.checkpoint import read_model_config
+    from kinoe_jax.models.stored import read_model_config
     from kinoe_jax.models import ModelConfig
 
     path, step = checkpoint_location(path, step)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -110,13 +109,13 @@ def adapted(x, a, b, scale: float, dtype):
 
 
 # ----------------------------------------------------------------------------- params trees
-def _key_name(k) -> str:
+def key_name(k) -> str:
     return str(getattr(k, "key", getattr(k, "name", k)))
 
 
 def is_adapter(path) -> bool:
     """True for an adapter leaf; `path` is a tuple of names or a jax key path."""
-    return bool(path) and _key_name(path[-1]) in ADAPTER_NAMES
+    return bool(path) and key_name(path[-1]) in ADAPTER_NAMES
 
 
 def adapter_mask(params):
@@ -153,43 +152,6 @@ def combine(base, adapters) -> dict:
     for k, v in adapters.items():
         out[k] = combine(out.get(k, {}), v) if isinstance(v, Mapping) else v
     return out
-
-
-def adapter_shapes(cfg) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple]]:
-    """{path: (shape, logical axes)} of every adapter leaf of `cfg`'s model (nothing allocated)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from kinoe_jax.models.decoder import Transformer
-
-    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    flat = jax.tree_util.tree_flatten_with_path(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    return {tuple(_key_name(k) for k in path): (tuple(leaf.value.shape), tuple(leaf.names))
-            for path, leaf in flat if is_adapter(path)}
-
-
-def init_adapters(cfg, base_params, rng) -> dict:
-    """`base_params` (no adapters: a kinoe checkpoint or an HF import) plus fresh adapters for
-    `cfg.lora`: A random, B zero, so the model's output is the base's. Traceable under jit."""
-    import jax
-    import jax.numpy as jnp
-
-    if cfg.lora is None:
-        raise ValueError("init_adapters: ModelConfig.lora is None")
-    adapters: dict = {}
-    for path, (shape, names) in adapter_shapes(cfg).items():
-        if path[-1] == "lora_b":
-            value = jnp.zeros(shape, jnp.float32)
-        else:
-            n_in = math.prod(n for n, axis in zip(shape, names) if axis not in ("layers", RANK_AXIS))
-            key = jax.random.fold_in(rng, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
-            value = a_init(n_in)(key, shape, jnp.float32)
-        node = adapters
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return combine(base_only(base_params), adapters)
 
 
 def merged_kernel(kernel, a, b, scale: float):

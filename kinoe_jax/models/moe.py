@@ -139,7 +139,7 @@ def _grouped_per_device(impl: str, xr, counts, weights):
     weights. (The TPU compiler rejects a ragged dot with a batch dimension, which vmap over the
     groups would give it.) Under tensor parallelism every device holds a slice of the FFN
     width, so the down projection's partial sums are added over that axis."""
-    from kinoe_jax.platform import mesh_platform  # noqa: PLC0415
+    from kinoe_jax.hardware.runtime import mesh_platform  # noqa: PLC0415
 
     if impl == "gmm":
         interpret = mesh_platform() != "tpu"

@@ -32,8 +32,8 @@ DEFAULT_IMPL = {"cpu": "blocks", "gpu": "ragged", "tpu": "gmm"}
 
 
 def default_impl(platform: str | None = None) -> str:
-    """The dropless implementation for a platform (default: the mesh's, see kinoe_jax.platform)."""
-    from kinoe_jax.platform import mesh_platform  # noqa: PLC0415
+    """The dropless implementation for a platform (default: the mesh's, see kinoe_jax.hardware.runtime)."""
+    from kinoe_jax.hardware.runtime import mesh_platform  # noqa: PLC0415
 
     return DEFAULT_IMPL.get(platform or mesh_platform(), "ragged")
 

@@ -17,8 +17,8 @@ import os
 import time
 import uuid
 
-from kinoe_jax.sft.conversation import BadExample
-from kinoe_jax.sft.report import read_lines
+from kinoe_jax.data.chat.conversation import BadExample
+from kinoe_jax.data.chat.report import read_lines
 from kinoe_jax.sft.validate import NEEDS_REFERENCE, check_mt_bench
 
 # FastChat's sampling temperature per category (fastchat/llm_judge/common.py).
@@ -62,7 +62,7 @@ class KinoeChat:
         self.engine = Engine(self.cfg, self.params, batch_size=batch_size)
 
     def replies(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-        from kinoe_jax.generate import generate_chats
+        from kinoe_jax.inference.texts import generate_chats
 
         return generate_chats(self.cfg, self.params, conversations, max_new_tokens, engine=self.engine,
                               temperature=temperature, seed=seed)

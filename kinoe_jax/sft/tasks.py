@@ -15,11 +15,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from kinoe_jax.data.tasks import JsonlDataSource
+from kinoe_jax.data.pretraining import JsonlDataSource
 from kinoe_jax.data.vocab import BUILTIN_DIR, get_vocabulary
 from kinoe_jax.sft.converter import PROMPT, TRAINED
-from kinoe_jax.sft.conversation import BadExample, check_length, check_messages, encode, parse_line
-from kinoe_jax.sft.report import Report, scan
+from kinoe_jax.data.chat.conversation import BadExample, check_length, check_messages, encode, parse_line
+from kinoe_jax.data.chat.report import Report, scan
 
 log = logging.getLogger(__name__)
 

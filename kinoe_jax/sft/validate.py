@@ -14,9 +14,9 @@ import json
 import os
 import statistics
 
-from kinoe_jax.sft.conversation import BadExample, check_length, check_messages, encode, parse_line
-from kinoe_jax.sft.preference import encode_pair
-from kinoe_jax.sft.report import Problem, read_lines
+from kinoe_jax.data.chat.conversation import BadExample, check_length, check_messages, encode, parse_line
+from kinoe_jax.data.chat.preference import encode_pair
+from kinoe_jax.data.chat.report import Problem, read_lines
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 # FastChat's judge grades these against a reference answer and stops when one is missing.

@@ -7,7 +7,7 @@ One short run on the attached accelerator (all local devices, FSDP mesh): the ki
 bf16 with each training attention this platform offers (the chip kernel and the blocked JAX
 attention), then an 8-expert top-2 MoE of the same active size with each dropless kernel. Every
 variant is compiled first, then timed in turns; MFU is tokens/s x (6N + 12LHQT) over the devices'
-dense bf16 peak (kinoe_jax/chips.py). It refuses to run on a CPU: these are accelerator numbers.
+dense bf16 peak (kinoe_jax/hardware/chips.py). It refuses to run on a CPU: these are accelerator numbers.
 """
 
 from __future__ import annotations
@@ -54,21 +54,22 @@ def build(cfg, mesh, global_batch: int, seq_len: int):
     import flax.linen as nn
     import jax
 
-    from kinoe_jax import optim
-    from kinoe_jax import train as train_lib
+    from kinoe_jax.training import optim
+    from kinoe_jax.training import state as state_lib
+    from kinoe_jax.training import step as step_lib
     from kinoe_jax.models import Transformer
     from kinoe_jax.parallel import sharding as shd
     from kinoe_jax.parallel.rules import flax_rules
 
     model = Transformer(cfg)
     tx, schedule = optim.make_optimizer(1000)
-    _, shardings, _ = train_lib.abstract_state(model, cfg, tx, mesh, seq_len, False, 0)
+    _, shardings, _ = state_lib.abstract_state(model, cfg, tx, mesh, seq_len, False, 0)
     batch = batch_for(cfg, global_batch, seq_len)
     batch_sharding = jax.sharding.NamedSharding(mesh, shd.batch_spec(mesh, batch["decoder_input_tokens"].shape))
     with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules(mesh)):
-        state = train_lib.init_state(model, tx, shardings, seq_len, 0)
+        state = state_lib.init_state(model, tx, shardings, seq_len, 0)
         batch = jax.device_put(batch, batch_sharding)
-        step = jax.jit(train_lib.make_train_step(model, tx, schedule), in_shardings=(shardings, batch_sharding),
+        step = jax.jit(step_lib.make_train_step(model, tx, schedule), in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, None), donate_argnums=(0,))
         t = time.perf_counter()
         state, metrics = step(state, batch)
@@ -85,15 +86,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from kinoe_jax import platform as platform_lib
+    from kinoe_jax.hardware import runtime as platform_lib
 
     platform_lib.setup()
     import flax.linen as nn
     import gin
     import jax
 
-    from kinoe_jax.chips import chip_for_device_kind
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.hardware.chips import chip_for_device_kind
+    from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.models import ModelConfig
     from kinoe_jax.parallel.mesh import make_mesh
     from kinoe_jax.parallel.rules import flax_rules

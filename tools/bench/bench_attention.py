@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kinoe_jax import platform  # noqa: E402
+from kinoe_jax.hardware import runtime  # noqa: E402
 
-platform.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
+runtime.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

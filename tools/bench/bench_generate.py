@@ -24,7 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import kinoe_jax.data  # noqa: E402,F401  (hides accelerators from TensorFlow)
+from kinoe_jax.hardware import runtime  # noqa: E402
+
+runtime.setup()  # the platform settled and accelerators hidden from TensorFlow, before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,7 +34,7 @@ import numpy as np  # noqa: E402
 
 def tiny_ja_checkpoint(root: str) -> str:
     """A workdir holding a random checkpoint of the tiny_ja preset and the built-in tokenizer."""
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.data.vocab import BUILTIN_TOKENIZER
     from kinoe_jax.hf.synthetic import write_random_checkpoint
     from kinoe_jax.models import ModelConfig

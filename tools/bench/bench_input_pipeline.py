@@ -33,10 +33,10 @@ sys.path.insert(0, REPO)
 import gin  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kinoe_jax import train as train_lib  # noqa: E402
-from kinoe_jax.config_io import load_gin  # noqa: E402
+from kinoe_jax.training import loop as train_lib  # noqa: E402
+from kinoe_jax.config.gin_io import load_gin  # noqa: E402
 from kinoe_jax.data import phases, pipeline, sources  # noqa: E402
-from kinoe_jax.metrics import PEAK_FLOPS, read_metrics  # noqa: E402
+from kinoe_jax.training.metrics_writer import PEAK_FLOPS, read_metrics  # noqa: E402
 from kinoe_jax.models import ModelConfig  # noqa: E402
 
 TINY_RUN = os.path.join(REPO, "gin_configs", "runs", "tiny_ja.gin")

@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import kinoe_jax.data  # noqa: E402,F401  (settles JAX's platform quietly before it starts)
+from kinoe_jax.hardware import runtime  # noqa: E402
+
+runtime.setup()  # the platform settled and accelerators hidden from TensorFlow, before JAX starts
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -35,7 +37,7 @@ SEQ, BATCH = 512, 8
 def model_config(name: str):
     import gin
 
-    from kinoe_jax.config_io import load_gin
+    from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.models import ModelConfig
 
     load_gin(["gin_configs/models/tiny_ja.gin"])
@@ -50,8 +52,9 @@ def model_config(name: str):
 def build(cfg):
     import flax.linen as nn
 
-    from kinoe_jax import optim
-    from kinoe_jax import train as train_lib
+    from kinoe_jax.training import optim
+    from kinoe_jax.training import state as state_lib
+    from kinoe_jax.training import step as step_lib
     from kinoe_jax.models import Transformer
     from kinoe_jax.parallel.mesh import make_mesh
     from kinoe_jax.parallel.rules import flax_rules
@@ -59,11 +62,11 @@ def build(cfg):
     mesh = make_mesh(devices=jax.devices()[:1])
     model = Transformer(cfg)
     tx, schedule = optim.make_optimizer(1000)
-    _, shardings, _ = train_lib.abstract_state(model, cfg, tx, mesh, SEQ, False, 0)
+    _, shardings, _ = state_lib.abstract_state(model, cfg, tx, mesh, SEQ, False, 0)
     with jax.set_mesh(mesh):
-        state = train_lib.init_state(model, tx, shardings, SEQ, 0)
+        state = state_lib.init_state(model, tx, shardings, SEQ, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules(mesh)):  # as the training loop does
-        step = jax.jit(train_lib.make_train_step(model, tx, schedule), donate_argnums=(0,))
+        step = jax.jit(step_lib.make_train_step(model, tx, schedule), donate_argnums=(0,))
         rng = np.random.default_rng(0)
         tokens = rng.integers(4, cfg.vocab_size, (1, BATCH, SEQ + 1)).astype(np.int32)
         weights = np.zeros((1, BATCH, SEQ), np.float32)

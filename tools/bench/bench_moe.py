@@ -27,19 +27,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kinoe_jax import platform  # noqa: E402
+from kinoe_jax.hardware import runtime  # noqa: E402
 
-platform.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
+runtime.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kinoe_jax import optim  # noqa: E402
+from kinoe_jax.training import optim  # noqa: E402
 from kinoe_jax.models import ModelConfig, Transformer  # noqa: E402
 from kinoe_jax.models.moe_kernels import default_impl  # noqa: E402
-from kinoe_jax.train import make_train_step  # noqa: E402
+from kinoe_jax.training.step import make_train_step  # noqa: E402
 
 BASE = ModelConfig(vocab_size=4000, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
                    num_kv_heads=2, max_seq_len=512)
@@ -81,8 +81,8 @@ def compiled_on(target: str, impls: list[str], layers: int, seq_len: int, per_de
                 block: int = 64) -> None:
     """Mixtral-8x7B layers compiled by the target's own compiler with each dropless kernel: the
     compiled figures (memory, FLOPs with each kernel's own cost, roofline time) side by side."""
-    from kinoe_jax import chips
-    from kinoe_jax.aot import GIB, fit_report
+    from kinoe_jax.hardware import chips
+    from kinoe_jax.planning.fit import GIB, fit_report
     from kinoe_jax.parallel.mesh import make_mesh
 
     tgt = chips.target(target)

@@ -22,9 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kinoe_jax import platform  # noqa: E402
+from kinoe_jax.hardware import runtime  # noqa: E402
 
-platform.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
+runtime.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,7 +37,7 @@ def build(guarded: bool):
     import flax.linen as nn
     import optax
 
-    from kinoe_jax import train as train_lib
+    from kinoe_jax.training import step as step_lib
     from kinoe_jax.models import ModelConfig, Transformer
 
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
@@ -48,19 +48,19 @@ def build(guarded: bool):
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "rng": jnp.zeros((2,), jnp.uint32)}
     if guarded:
-        make = train_lib.make_train_step
+        make = step_lib.make_train_step
     else:  # the same step with the final selection taken out
         def make(model, tx, schedule):
-            saved = train_lib.skip_bad_update
+            saved = step_lib.skip_bad_update
             def unguarded(old, update, metrics, ceiling):
                 params, opt_state = update()
                 return dict(old, step=old["step"] + 1, params=params, opt_state=opt_state), metrics
 
-            train_lib.skip_bad_update = unguarded
+            step_lib.skip_bad_update = unguarded
             try:
-                return train_lib.make_train_step(model, tx, schedule)
+                return step_lib.make_train_step(model, tx, schedule)
             finally:
-                train_lib.skip_bad_update = saved
+                step_lib.skip_bad_update = saved
     step = jax.jit(make(model, tx, lambda s: 1e-4), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, VOCAB, (1, BATCH, SEQ + 1)).astype(np.int32)
@@ -78,8 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 
-    from kinoe_jax import checkpoint as ckpt
-    from kinoe_jax.resilience import RunGuard
+    from kinoe_jax.training import checkpoint as ckpt
+    from kinoe_jax.training.resilience import RunGuard
 
     plain_step, plain_state, batch = build(False)
     guarded_step, guarded_state, _ = build(True)

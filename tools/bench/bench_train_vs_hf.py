@@ -10,7 +10,6 @@ rounds inside ONE process so that machine noise hits both alike; the ratio is th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -19,9 +18,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from kinoe_jax import platform  # noqa: E402
+from kinoe_jax.hardware import runtime  # noqa: E402
 
-platform.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
+runtime.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -35,7 +34,7 @@ def kinoe_step(scan_layers: bool = True, remat_policy: str = "dots_no_batch"):
     import optax
 
     from kinoe_jax.models import ModelConfig, Transformer
-    from kinoe_jax.train import make_train_step
+    from kinoe_jax.training.step import make_train_step
 
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
                       num_heads=HEADS, num_kv_heads=KV, max_seq_len=SEQ, scan_layers=scan_layers,

@@ -76,7 +76,7 @@ def key(row) -> str:
 
 def devices_of(target: str) -> int:
     sys.path.insert(0, REPO)
-    from kinoe_jax.chips import target as parse
+    from kinoe_jax.hardware.chips import target as parse
 
     return parse(target).num_devices
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from kinoe_jax.models.attention.blocked import (  # noqa: F401  (the package's public names)
     KERNEL_RESIDUAL, MASK_VALUE, RESIDUAL_NAMES, attend, attention_mask, causal_attention)
 from kinoe_jax.models.config import ATTENTION_IMPLS as IMPLS
-from kinoe_jax.platform import mesh_platform
+from kinoe_jax.hardware.runtime import mesh_platform
 
 
 def choose(impl: str, platform: str, seq_len: int, dtype) -> str:

@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
 from kinoe_jax.models.attention import sharded
 from kinoe_jax.models.attention.blocked import KERNEL_RESIDUAL
-from kinoe_jax.platform import mesh_platform
+from kinoe_jax.hardware.runtime import mesh_platform
 
 LANES = 128  # the kernel's tiles are whole multiples of a TPU vector register's lanes
 

@@ -1,0 +1,194 @@
+"""The chips kinoe_jax is built for: their figures, and compile-only devices of a whole slice.
+
+`CHIPS` is the one table of per-chip facts (dense bf16 peak, memory as sold, memory bandwidth)
+that MFU, the fit check and the roofline read. `target(name)` turns a friendly slice name into
+the devices its own compiler sees, without the hardware:
+
+  v5p-N, v4-N   N TensorCores (2 per chip, one JAX device per chip in megacore mode): v5p-8 is
+                4 chips (2x2x1), v5p-16 8 chips (2x2x2), ... as Google Cloud names them
+  v5e-N, v6e-N  N chips (one core each): v5e-8 is 2x4
+  h100-N, h200-N  N GPUs, 8 per host
+
+TPU slices come from libtpu (pip install 'jax[tpu]'), GPUs from the CUDA plugin's deviceless
+compiler (jax-cuda12-plugin, jax-cuda12-pjrt) given the card's GpuTargetConfigProto.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_tflops: float  # dense bf16, per JAX device
+    memory_gb: float  # per device, decimal GB as sold
+    hbm_gbps: float  # memory bandwidth, GB/s
+    device_kinds: tuple  # jax Device.device_kind values that mean this chip
+
+    @property
+    def peak_flops(self) -> float:
+        return self.peak_tflops * 1e12
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * 1e9
+
+
+CHIPS = {c.name: c for c in (
+    Chip("v5p", 459.0, 95.0, 2765.0, ("TPU v5",)),
+    Chip("v5e", 197.0, 16.0, 819.0, ("TPU v5 lite", "TPU v5e")),
+    Chip("v6e", 918.0, 32.0, 1640.0, ("TPU v6 lite", "TPU v6e")),
+    Chip("v4", 275.0, 32.0, 1228.0, ("TPU v4",)),
+    Chip("h100", 989.0, 80.0, 3352.0, ("NVIDIA H100",)),
+    Chip("h200", 989.0, 141.0, 4800.0, ("NVIDIA H200",)),
+    Chip("a100", 312.0, 80.0, 2039.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB")),
+    Chip("a100-40gb", 312.0, 40.0, 1555.0, ("NVIDIA A100",)),
+)}
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+    """The chip a jax device_kind names (the longest matching prefix wins: 'TPU v5 lite' is v5e)."""
+    best, length = None, -1
+    for chip in CHIPS.values():
+        for prefix in chip.device_kinds:
+            if kind.startswith(prefix) and len(prefix) > length:
+                best, length = chip, len(prefix)
+    return best
+
+
+# ----------------------------------------------------------------------------- targets
+# Slice shapes in order of size (chips), as Google Cloud lays them out.
+_TPU_3D = ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8), (8, 8, 8),
+           (8, 8, 16), (8, 16, 16), (16, 16, 16))
+_TPU_2D = ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))
+_TPU_FAMILIES = {  # name: (TensorCores per JAX device, libtpu chip config, shapes)
+    "v5p": (2, "megacore", _TPU_3D), "v4": (2, "megacore", _TPU_3D),
+    "v5e": (1, "default", _TPU_2D), "v6e": (1, "default", _TPU_2D),
+}
+_GPU_FAMILIES = ("h100", "h200")  # the cards with a compiler description below
+GPUS_PER_HOST = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    chip: Chip
+    platform: str  # "tpu" | "gpu"
+    num_devices: int  # -1: whatever the topology holds (a raw libtpu name)
+    topology: str  # libtpu topology name, or the CUDA plugin's "slices x hosts x devices"
+    chip_config: str = "default"
+    host_bounds: tuple = (2, 2, 1)
+
+    def describe(self) -> str:
+        where = (f"libtpu topology {self.topology} ({self.chip_config})" if self.platform == "tpu"
+                 else f"CUDA topology {self.topology}")
+        return f"{self.name}: {self.num_devices} x {self.chip.name}, {where}"
+
+    def devices(self) -> list:
+        """Compile-only devices of the slice (their compiler runs here; nothing executes)."""
+        from jax.experimental import topologies
+
+        from kinoe_jax.hardware import runtime
+
+        if self.platform == "tpu" and "tpu" not in runtime.attached_accelerators():
+            for key, value in runtime.TPU_COMPILE_ONLY_ENV.items():  # read when libtpu starts
+                os.environ.setdefault(key, value)
+        try:
+            if self.platform == "tpu":
+                topo = topologies.get_topology_desc(
+                    platform="tpu", topology_name=self.topology, chip_config_name=self.chip_config,
+                    chips_per_host_bounds=self.host_bounds, num_slices=1)
+            else:
+                topo = topologies.get_topology_desc(self.topology, platform="cuda", topology=self.topology,
+                                                    target_config=gpu_target_config(self.chip.name))
+        except Exception as e:  # noqa: BLE001 - a missing compiler or a name it does not know
+            need = ("libtpu (pip install 'jax[tpu]')" if self.platform == "tpu"
+                    else "the CUDA compiler (pip install jax-cuda12-plugin jax-cuda12-pjrt nvidia-cudnn-cu12)")
+            raise TargetError(f"target {self.name}: cannot describe {self.topology} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it needs {need}")
+        devices = list(topo.devices)
+        if self.num_devices > 0 and len(devices) != self.num_devices:
+            raise TargetError(f"target {self.name}: expected {self.num_devices} devices, "
+                              f"the compiler described {len(devices)}")
+        return devices
+
+
+class TargetError(ValueError):
+    pass
+
+
+def known_targets() -> str:
+    return ("v5p-8, v5p-16, ... v5p-8192; v4-8 ...; v5e-1, v5e-4, v5e-8 ... v5e-256; v6e-1 ... v6e-256; "
+            "h100-1 ... h100-8, h100-16, ...; h200-1 ... h200-8 ...")
+
+
+def target(name: str) -> Target:
+    """Parse a friendly slice name ('v5p-16', 'v5e-8', 'h100-8')."""
+    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
+    if not m or (m.group(1) not in _TPU_FAMILIES and m.group(1) not in _GPU_FAMILIES):
+        raise TargetError(f"unknown target {name!r}; known: {known_targets()}")
+    family, n = m.group(1), int(m.group(2))
+    chip = CHIPS[family]
+    if family in _GPU_FAMILIES:
+        if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
+            raise TargetError(f"target {name!r}: {n} GPUs is not 1-8 GPUs or whole {GPUS_PER_HOST}-GPU hosts")
+        hosts, per_host = (1, n) if n <= GPUS_PER_HOST else (n // GPUS_PER_HOST, GPUS_PER_HOST)
+        return Target(name, chip, "gpu", n, f"1x{hosts}x{per_host}")
+    cores, chip_config, shapes = _TPU_FAMILIES[family]
+    sizes = {_prod(s) * cores: s for s in shapes}
+    if n not in sizes:
+        raise TargetError(f"target {name!r}: {family} slices come in {sorted(sizes)} "
+                          f"{'TensorCores' if cores > 1 else 'chips'}")
+    shape = sizes[n]
+    bounds = (2, 2, 1) if _prod(shape) >= 4 else (1, 1, 1)
+    topo = f"{family}:" + "x".join(str(d) for d in shape)
+    return Target(name, chip, "tpu", _prod(shape), topo, chip_config, bounds)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+# ----------------------------------------------------------------------------- GPU targets
+# The figures the CUDA compiler plans for (a stream_executor GpuTargetConfigProto). Both cards
+# are GH100: 132 SMs, 228 KiB shared memory each, compute capability 9.0.
+_GPU_INFO = {
+    "h100": {"name": "NVIDIA H100 80GB HBM3", "memory": 84942979072, "bandwidth": 3352320000000},
+    "h200": {"name": "NVIDIA H200", "memory": 150754820096, "bandwidth": 4800000000000},
+}
+
+
+def gpu_target_config(chip: str) -> str:
+    if chip not in _GPU_INFO:
+        raise TargetError(f"no GPU compiler description for {chip!r} (have: {sorted(_GPU_INFO)})")
+    info = _GPU_INFO[chip]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {info["bandwidth"]}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.755
+  device_memory_size: {info["memory"]}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 1 }}
+device_description_str: "{info["name"]}"
+"""

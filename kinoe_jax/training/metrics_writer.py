@@ -1,0 +1,179 @@
+"""Where the numbers go: DIR/metrics.jsonl, Weights & Biases, the progress bar, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kinoe_jax.hardware.chips import CHIPS, chip_for_device_kind
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per chip, for MFU (the figures live in kinoe_jax/hardware/chips.py).
+PEAK_FLOPS = {name: chip.peak_flops for name, chip in CHIPS.items()}
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large fp32 matmul on this device: the honest 'peak' of a CPU."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+@gin.configurable
+def peak_flops_per_device(override: float | None = None) -> float:
+    if override:
+        return override
+    chip = chip_for_device_kind(jax.devices()[0].device_kind)  # "TPU v5" is a v5p
+    return chip.peak_flops if chip else measure_matmul_peak()
+
+
+@gin.configurable
+class MetricsWriter:
+    """Only process 0 writes; every process may call it."""
+
+    def __init__(self, workdir: str, total_steps: int, config_str: str = "", use_wandb: bool = True,
+                 wandb_project: str = "kinoe_jax", wandb_mode: str | None = None, run_name: str | None = None,
+                 initial_step: int = 0, progress: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = workdir
+        self.wandb_run = None
+        self.bar = None
+        if not self.active:
+            return
+        if use_wandb:
+            import wandb
+
+            # Offline unless the user asks otherwise: no account or network needed.
+            mode = wandb_mode or os.environ.get("WANDB_MODE", "offline")
+            self.wandb_run = wandb.init(project=wandb_project, name=run_name or os.path.basename(workdir),
+                                        dir=workdir, mode=mode, config={"gin": config_str}, resume="allow",
+                                        id=_run_id(workdir))
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(row, step=int(step))
+
+    def progress(self, step: int, postfix: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def flatten(metrics: dict) -> dict:
+    """Scalars stay; a per-layer or per-expert array becomes scalars W&B can plot:
+    [n] -> key/i, [layers, n] -> key/i averaged over layers plus key/max (e.g. expert load)."""
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        if a.ndim == 0:
+            out[k] = a.item()
+            continue
+        if a.ndim >= 2:
+            out[f"{k}/max"] = float(a.max())
+            a = a.reshape(-1, a.shape[-1]).mean(axis=0)
+        for i, x in enumerate(a):
+            out[f"{k}/{i}"] = float(x)
+    return out
+
+
+def _run_id(workdir: str) -> str:
+    """A stable W&B id per workdir, so a resumed run continues the same W&B run."""
+    path = os.path.join(workdir, "wandb_run_id")
+    if os.path.exists(path):
+        return open(path).read().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as f:
+        f.write(run_id)
+    return run_id
+
+
+def _py(v):
+    if isinstance(v, (np.generic, np.ndarray, jax.Array)):
+        v = np.asarray(v)
+        return v.item() if v.ndim == 0 else v.tolist()
+    return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(workdir: str) -> str | None:
+    """DIR/loss.png: training loss (and validation loss) against step; beside it, when the run
+    logged any, the downstream scores (downstream/<dataset>/<metric>, their average in bold)."""
+    rows = read_metrics(workdir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train:
+        return None
+    downstream = sorted({k for r in rows for k in r if k.startswith("downstream/")})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if downstream else 1, figsize=(14 if downstream else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(os.path.basename(os.path.abspath(workdir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if downstream:
+        right = axes[0][1]
+        for key in downstream:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            average = key == "downstream/average"
+            right.plot(*zip(*points), "o-", lw=2.5 if average else 1, ms=4 if average else 2, alpha=1 if average else 0.6,
+                       label=key.removeprefix("downstream/"), color="black" if average else None)
+        right.set_xlabel("step")
+        right.set_ylabel("score")
+        right.set_title("downstream evaluation")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    out = os.path.join(workdir, "loss.png")
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
