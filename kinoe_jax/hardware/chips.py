@@ -27,6 +27,10 @@ class Chip:
     memory_gb: float  # per device, decimal GB as sold
     hbm_gbps: float  # memory bandwidth, GB/s
     device_kinds: tuple  # jax Device.device_kind values that mean this chip
+    # Dense low-precision matmul peaks per JAX device, for the ModelConfig.matmul_dtype modes kinoe
+    # trains with on this chip; 0: the mode is not offered here (see low_precision_peak).
+    fp8_tflops: float = 0.0
+    int8_tflops: float = 0.0
 
     @property
     def peak_flops(self) -> float:
@@ -37,16 +41,29 @@ class Chip:
         return self.memory_gb * 1e9
 
 
+# Low-precision peaks, dense (no sparsity), from the vendors' pages: Cloud TPU's "System
+# architecture" pages for v5e (394 int8 TOPS), v5p (918) and v6e (1836); NVIDIA's H100 and H200
+# SXM datasheets (3958 fp8 TFLOPS with 2:4 sparsity, so 1979 dense). v4 runs int8 at its bf16
+# rate and the A100 has no fp8, so neither is offered a mode.
 CHIPS = {c.name: c for c in (
-    Chip("v5p", 459.0, 95.0, 2765.0, ("TPU v5",)),
-    Chip("v5e", 197.0, 16.0, 819.0, ("TPU v5 lite", "TPU v5e")),
-    Chip("v6e", 918.0, 32.0, 1640.0, ("TPU v6 lite", "TPU v6e")),
+    Chip("v5p", 459.0, 95.0, 2765.0, ("TPU v5",), int8_tflops=918.0),
+    Chip("v5e", 197.0, 16.0, 819.0, ("TPU v5 lite", "TPU v5e"), int8_tflops=394.0),
+    Chip("v6e", 918.0, 32.0, 1640.0, ("TPU v6 lite", "TPU v6e"), int8_tflops=1836.0),
     Chip("v4", 275.0, 32.0, 1228.0, ("TPU v4",)),
-    Chip("h100", 989.0, 80.0, 3352.0, ("NVIDIA H100",)),
-    Chip("h200", 989.0, 141.0, 4800.0, ("NVIDIA H200",)),
+    Chip("h100", 989.0, 80.0, 3352.0, ("NVIDIA H100",), fp8_tflops=1979.0),
+    Chip("h200", 989.0, 141.0, 4800.0, ("NVIDIA H200",), fp8_tflops=1979.0),
     Chip("a100", 312.0, 80.0, 2039.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB")),
     Chip("a100-40gb", 312.0, 40.0, 1555.0, ("NVIDIA A100",)),
 )}
+
+
+def low_precision_peak(chip: Chip, mode: str) -> float:
+    """FLOP/s of `mode` ("fp8" | "int8") matmuls on `chip`; 0.0 where the chip is not offered it."""
+    return {"fp8": chip.fp8_tflops, "int8": chip.int8_tflops}.get(mode, 0.0) * 1e12
+
+
+def low_precision_modes(chip: Chip) -> tuple:
+    return tuple(m for m in ("fp8", "int8") if low_precision_peak(chip, m) > 0)
 
 
 def chip_for_device_kind(kind: str) -> Chip | None:
