@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kinoe_jax.training.orbax_reads import settled_reads
 from kinoe_jax.training.resilience import integrity
 from kinoe_jax.training.resilience.faults import Faults
 
@@ -93,7 +94,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         items["data_iter"] = DataIteratorArgs(data_iter)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    with settled_reads():  # a damaged checkpoint's failed reads end before the fallback moves on
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
 
