@@ -7,7 +7,8 @@ the devices its own compiler sees, without the hardware:
   v5p-N, v4-N   N TensorCores (2 per chip, one JAX device per chip in megacore mode): v5p-8 is
                 4 chips (2x2x1), v5p-16 8 chips (2x2x2), ... as Google Cloud names them
   v5e-N, v6e-N  N chips (one core each): v5e-8 is 2x4
-  h100-N, h200-N  N GPUs, 8 per host
+  h100-N, h200-N  N GPUs, 8 per host (h100-64 is 8 hosts)
+  KxNAME        K slices of NAME joined by the data-centre network (2xv5p-128, 4xv5e-256)
 
 TPU slices come from libtpu (pip install 'jax[tpu]'), GPUs from the CUDA plugin's deviceless
 compiler (jax-cuda12-plugin, jax-cuda12-pjrt) given the card's GpuTargetConfigProto.
@@ -40,6 +41,23 @@ class Chip:
     def memory_bytes(self) -> float:
         return self.memory_gb * 1e9
 
+    # The two networks (NETWORKS below): inside a slice or host, and between them.
+    @property
+    def inner_net(self) -> str:
+        return NETWORKS[self.name][0]
+
+    @property
+    def inner_gbps(self) -> float:
+        return NETWORKS[self.name][1]
+
+    @property
+    def outer_net(self) -> str:
+        return NETWORKS[self.name][2]
+
+    @property
+    def outer_gbps(self) -> float:
+        return NETWORKS[self.name][3]
+
 
 # Low-precision peaks, dense (no sparsity), from the vendors' pages: Cloud TPU's "System
 # architecture" pages for v5e (394 int8 TOPS), v5p (918) and v6e (1836); NVIDIA's H100 and H200
@@ -55,6 +73,23 @@ CHIPS = {c.name: c for c in (
     Chip("a100", 312.0, 80.0, 2039.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB")),
     Chip("a100-40gb", 312.0, 40.0, 1555.0, ("NVIDIA A100",)),
 )}
+
+
+# Each chip's networks as (name, GB/s per device in one direction: what a ring collective can move
+# in and out of each device at once) inside a slice or host, then between them.
+# ICI: Google Cloud's TPU pages give the bidirectional ICI bandwidth per chip (v5p 1200 GB/s,
+# v5e 400, v6e 800; v4 2400 Gbps = 300 GB/s); half of it is one direction. DCN: v5p's page gives
+# 50 Gbps per chip; v5e's gives 2 x 100 Gbps NICs per 8-chip host (25 Gbps per chip); v6e's and
+# v4's pages give no per-chip figure, so they are taken as v5p's 50 Gbps (an assumption, stated in
+# docs/chips.md). NVLink 4 on H100/H200 SXM: 900 GB/s bidirectional per GPU (NVIDIA's datasheet);
+# A100 SXM NVLink 3: 600. InfiniBand: one NIC per GPU, 400 Gb/s ConnectX-7 on H100/H200 nodes
+# (DGX H100/H200), 200 Gb/s HDR on A100 nodes (DGX A100).
+NETWORKS = {
+    "v5p": ("ICI", 600.0, "DCN", 50 / 8), "v5e": ("ICI", 200.0, "DCN", 25 / 8),
+    "v6e": ("ICI", 400.0, "DCN", 50 / 8), "v4": ("ICI", 150.0, "DCN", 50 / 8),
+    "h100": ("NVLink", 450.0, "InfiniBand", 400 / 8), "h200": ("NVLink", 450.0, "InfiniBand", 400 / 8),
+    "a100": ("NVLink", 300.0, "InfiniBand", 200 / 8), "a100-40gb": ("NVLink", 300.0, "InfiniBand", 200 / 8),
+}
 
 
 def low_precision_peak(chip: Chip, mode: str) -> float:
@@ -98,11 +133,21 @@ class Target:
     topology: str  # libtpu topology name, or the CUDA plugin's "slices x hosts x devices"
     chip_config: str = "default"
     host_bounds: tuple = (2, 2, 1)
+    num_slices: int = 1
+
+    @property
+    def granules(self) -> int:
+        """Groups of devices on the fast network: TPU slices, or GPU hosts."""
+        if self.platform == "tpu":
+            return self.num_slices
+        return int(self.topology.split("x")[1])
 
     def describe(self) -> str:
         where = (f"libtpu topology {self.topology} ({self.chip_config})" if self.platform == "tpu"
                  else f"CUDA topology {self.topology}")
-        return f"{self.name}: {self.num_devices} x {self.chip.name}, {where}"
+        joined = {"tpu": f", {self.num_slices} slices over {self.chip.outer_net}",
+                  "gpu": f", {self.granules} hosts over {self.chip.outer_net}"}[self.platform]
+        return f"{self.name}: {self.num_devices} x {self.chip.name}, {where}" + (joined if self.granules > 1 else "")
 
     def devices(self) -> list:
         """Compile-only devices of the slice (their compiler runs here; nothing executes)."""
@@ -117,7 +162,7 @@ class Target:
             if self.platform == "tpu":
                 topo = topologies.get_topology_desc(
                     platform="tpu", topology_name=self.topology, chip_config_name=self.chip_config,
-                    chips_per_host_bounds=self.host_bounds, num_slices=1)
+                    chips_per_host_bounds=self.host_bounds, num_slices=self.num_slices)
             else:
                 topo = topologies.get_topology_desc(self.topology, platform="cuda", topology=self.topology,
                                                     target_config=gpu_target_config(self.chip.name))
@@ -139,15 +184,24 @@ class TargetError(ValueError):
 
 def known_targets() -> str:
     return ("v5p-8, v5p-16, ... v5p-8192; v4-8 ...; v5e-1, v5e-4, v5e-8 ... v5e-256; v6e-1 ... v6e-256; "
-            "h100-1 ... h100-8, h100-16, ...; h200-1 ... h200-8 ...")
+            "h100-1 ... h100-8, h100-16, h100-64 (8 hosts), ...; h200-1 ... h200-8 ...; "
+            "several TPU slices: 2xv5p-128, 4xv5e-256")
 
 
 def target(name: str) -> Target:
-    """Parse a friendly slice name ('v5p-16', 'v5e-8', 'h100-8')."""
-    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
-    if not m or (m.group(1) not in _TPU_FAMILIES and m.group(1) not in _GPU_FAMILIES):
+    """Parse a friendly slice name ('v5p-16', 'v5e-8', 'h100-8', '2xv5p-128')."""
+    m = re.fullmatch(r"(?:(\d+)x)?([a-z0-9]+)-(\d+)", name.strip().lower())
+    if not m or (m.group(2) not in _TPU_FAMILIES and m.group(2) not in _GPU_FAMILIES):
         raise TargetError(f"unknown target {name!r}; known: {known_targets()}")
-    family, n = m.group(1), int(m.group(2))
+    slices, family, n = int(m.group(1) or 1), m.group(2), int(m.group(3))
+    if slices < 1:
+        raise TargetError(f"target {name!r}: the number of slices must be at least 1")
+    if slices > 1:
+        if family in _GPU_FAMILIES:
+            raise TargetError(f"target {name!r}: GPU hosts are counted in the GPU number ({family}-{slices * n})")
+        one = target(f"{family}-{n}")
+        return dataclasses.replace(one, name=name, num_devices=one.num_devices * slices, num_slices=slices)
+
     chip = CHIPS[family]
     if family in _GPU_FAMILIES:
         if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
