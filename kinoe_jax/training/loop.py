@@ -107,22 +107,28 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
         with nn.logical_axis_rules(flax_rules(run.mesh)):  # the model's activation constraints
             if start == 0 and eval_every and objective.eval_at_start:
                 steps.writer.write(0, objective.evaluate(run, steps.models, state["params"], extra))
-            for step in range(start, total_steps):
+            step = start
+            while step < total_steps:
                 parts.guard.before_step(step + 1, train_data)  # fault-injection hooks, off by default
-                batch = train_data.next(step)
+                batch = parts.guard.next_batch(step, train_data)  # past the batches a spike rollback skips
                 if step == start:  # bad data surfaces now, before the expensive first compile
                     objective.check_first_batch(batch, run)
-                state, metrics = step_fn(state, to_global(batch), parts.guard.loss_ceiling(), extra)
+                state, metrics = step_fn(state, to_global(batch), parts.guard.loss_ceiling(), extra,
+                                         parts.guard.lr_scale(step))
                 done = step + 1
                 parts.guard.after_step(done, metrics)  # counts skipped steps and spikes; watchdog heartbeat
                 if done == start + 1:
                     write_operative_config(workdir)
                 steps.record(done, metrics, state["params"], extra)
+                if (back_to := parts.guard.rollback_target()) is not None:  # a confirmed loss spike
+                    state, step = roll_back(parts, train_data, steps, back_to)
+                    continue
                 stop = parts.guard.should_stop(done)  # preempted (every process agrees) or too many bad steps
                 save_if_due(parts, train_data, state, done, schedule_now, force=stop or done == total_steps)
                 multihost.fault_point(done)
                 if stop:
                     break
+                step = done
         finish(run, parts, steps.writer, state, sample_prompt, sample_tokens)
     parts.manager.close()
     return state
@@ -189,7 +195,7 @@ def compile_step(run: RunInfo, parts: Parts, objective, extra_shardings):
     micro_shape = (data.grad_accum, data.global_batch // data.grad_accum, data.seq_len)
     batch_sharding = jax.sharding.NamedSharding(run.mesh, shd.batch_spec(run.mesh, micro_shape))
     step_fn = jax.jit(make_train_step(parts.model, parts.tx, parts.schedule, objective, parts.trainable),
-                      in_shardings=(parts.shardings, batch_sharding, None, extra_shardings),
+                      in_shardings=(parts.shardings, batch_sharding, None, extra_shardings, None),
                       out_shardings=(parts.shardings, None), donate_argnums=(0,))
 
     def to_global(batch):
@@ -241,6 +247,22 @@ class StepLog:
             console.say(_evaluation_line(done, metrics))
         self.writer.progress(done, {label: metrics[key] for label, key in self.objective.progress_keys.items()})
         self.t_last, self.steps_since = time.perf_counter(), 0
+
+    def restart(self) -> None:
+        """After a rollback: the rate counters start over (the restore is not a step)."""
+        self.t_last, self.steps_since = time.perf_counter(), 0
+
+
+def roll_back(parts: Parts, train_data, steps: StepLog, to_step: int) -> tuple[dict, int]:
+    """Restore checkpoint `to_step` (state and data iterator) after a confirmed loss spike; the
+    guard has already planned the skipped batches and removed the checkpoints after it."""
+    if jax.process_index() == 0:
+        console.say("step %d: loss spike confirmed; rolling back to checkpoint %d (see %s)", parts.guard.last_step,
+                    to_step, os.path.join(parts.manager.directory.parent, "spike_rollbacks.json"))
+    state = ckpt.restore(parts.manager, to_step, parts.abstract, train_data.iterator)
+    parts.guard.rolled_back(to_step)
+    steps.restart()
+    return state, to_step
 
 
 def save_if_due(parts: Parts, train_data, state, done: int, schedule_now, force: bool) -> None:

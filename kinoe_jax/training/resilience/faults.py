@@ -15,6 +15,7 @@ import time
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ class Faults:
     step_delay_s: float = 0.0  # every step waits this long (lets a test act on a run mid-flight)
     slow_commit_from: int | None = None  # the n-th and later async saves wait before committing
     slow_commit_s: float = 60.0
+    # Batches number `poison_batches_from` .. + count - 1 of the data stream (1-based, counted as
+    # drawn, so skipped ones count too) get their targets shuffled across the batch: the loss
+    # spikes, yet stays finite; the spike detector's test.
+    poison_batches_from: int | None = None
+    poison_batches_count: int = 1
 
     def poison_grads(self, grads, step):
         """Traced: NaN gradients from `nan_grad_at_step` (`step` is the state's 0-based counter)."""
@@ -48,6 +54,16 @@ class Faults:
         if step == self.hang_at_step:
             log.warning("fault injection: stalling %.0f s before step %d", self.hang_s, step)
             time.sleep(self.hang_s)
+
+    def poison_batch(self, batch: dict, position: int) -> dict:
+        """This process's batch, drawn as the `position`-th of the stream (host side, numpy)."""
+        first = self.poison_batches_from
+        if first is None or not first <= position < first + self.poison_batches_count:
+            return batch
+        log.warning("fault injection: shuffling the targets of batch %d", position)
+        targets = np.asarray(batch["decoder_target_tokens"])
+        shuffled = np.random.default_rng(position).permutation(targets.reshape(-1)).reshape(targets.shape)
+        return dict(batch, decoder_target_tokens=shuffled.astype(targets.dtype))
 
     def async_options(self, async_save: bool):
         """Orbax AsyncOptions whose hook runs after the files are written, before the commit."""

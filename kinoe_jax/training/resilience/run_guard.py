@@ -5,8 +5,10 @@
         guard.start(step, wandb_run)              # "resumed after preemption" alert, watchdog
         for ...:
             guard.before_step(done, train_data)    # fault-injection hooks (off by default)
-            state, metrics = train_step(state, batch, guard.loss_ceiling())
+            batch = guard.next_batch(step, train_data)   # past batches a spike rollback skips
+            state, metrics = train_step(state, batch, guard.loss_ceiling(), extra, guard.lr_scale(step))
             guard.after_step(done, metrics)       # skipped steps, spikes, watchdog heartbeat
+            if (to := guard.rollback_target()) is not None: restore `to`; guard.rolled_back(to)
             stop = guard.should_stop(done)        # preempted (all processes agree) or halted
             if guard.may_save(done, state, force=...): ckpt.save(...)   # disk-space check
             if stop: break
@@ -35,6 +37,7 @@ from kinoe_jax.training.resilience.faults import Faults
 from kinoe_jax.training.resilience.guards import StepGuard
 from kinoe_jax.training.resilience.integrity import all_processes_ok, discard_unfinished
 from kinoe_jax.training.resilience.preemption import PreemptionGuard
+from kinoe_jax.training.resilience.spike_guard import SpikeGuard
 from kinoe_jax.training.resilience.watchdog import EXIT_HUNG, Watchdog, dump_stacks, end_child_processes
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class RunGuard:
         self.steps = StepGuard()
         self.faults = Faults()
         self.disk = DiskGuard(os.fspath(manager.directory))
+        self.spikes = SpikeGuard(workdir, manager, self.alerts, self.faults, self.primary)
         self.preemption = PreemptionGuard(manager)
         self.watchdog_timeout_s = watchdog_timeout_s
         self.watchdog = Watchdog(watchdog_timeout_s, self._on_hang)
@@ -91,6 +95,7 @@ class RunGuard:
     def start(self, step: int, wandb_run=None) -> None:
         """After restore and once the metrics writer exists."""
         self.last_step = step
+        self.spikes.start(step)
         self._wandb_run = wandb_run
         self.alerts.attach_wandb(wandb_run)
         marker = os.path.join(self.workdir, PREEMPTED_MARKER)
@@ -114,17 +119,41 @@ class RunGuard:
     def before_step(self, step: int, train_data) -> None:
         self.faults.before_step(step, train_data)
 
+    def next_batch(self, step: int, train_data):
+        """The batch of 0-based `step`, past the batches a spike rollback skips."""
+        return self.spikes.next_batch(step, train_data)
+
     def loss_ceiling(self):
         return self.steps.loss_ceiling()
 
+    def lr_scale(self, step: int):
+        """The learning-rate factor of 0-based `step` (below 1 for a while after a rollback)."""
+        return self.spikes.lr_scale(step)
+
     def after_step(self, step: int, metrics: dict) -> None:
-        self._pending.append((step, {k: metrics[k] for k in ("loss", "nonfinite", "update_skipped")}))
+        keys = ("loss", "nonfinite", "update_skipped", "update_ratio", "learning_rate")
+        self._pending.append((step, {k: metrics[k] for k in keys if k in metrics}))
         self._observe(keep=1)
+
+    def rollback_target(self) -> int | None:
+        """The checkpoint step to restore after a confirmed loss spike (None: carry on). Past the
+        rollback limit the run halts instead: `should_stop` says so."""
+        self._observe(keep=1)
+        to_step = self.spikes.rollback_target()
+        if self.spikes.verdict and self.stop_reason is None:
+            self.stop_reason, self.failure = "halted", self.spikes.verdict
+        return to_step
+
+    def rolled_back(self, step: int) -> None:
+        """After the loop restored checkpoint `step`: forget the discarded steps."""
+        self._pending.clear()
+        self.spikes.rolled_back(step)
+        self.last_step = step
 
     def counters(self) -> dict[str, int]:
         """Cumulative (this session) skipped / non-finite / spike counts, for the metrics row."""
         self._observe()
-        return self.steps.counters()
+        return {**self.steps.counters(), "spike_rollbacks": self.spikes.rollbacks}
 
     def should_stop(self, step: int) -> bool:
         """Call at every step on every process: they all answer the same."""
@@ -141,6 +170,8 @@ class RunGuard:
     def may_save(self, step: int, state, force: bool = False) -> bool:
         """Whether to save now: due (or forced) and there is room for it."""
         if not (force or self.manager.should_save(step)):
+            return False
+        if self.spikes.verdict:  # the newest checkpoint stays the last one before the spikes
             return False
         if self.stop_reason == "halted" and not _finite(state["params"]):
             log.error("not saving step %d: its parameters are not finite", step)
@@ -184,7 +215,8 @@ class RunGuard:
             c = self.steps.counters()
             self.alerts.send("finished", "run finished",
                              f"reached step {step} (last loss {self.last_loss}); skipped steps {c['skipped_steps']}, "
-                             f"loss spikes {c['loss_spikes']}; newest checkpoint: step {saved}", "INFO", step)
+                             f"loss spikes {c['loss_spikes']}, spike rollbacks {self.spikes.rollbacks}; newest "
+                             f"checkpoint: step {saved}", "INFO", step)
         self.alerts.flush()
 
     @property
@@ -200,6 +232,7 @@ class RunGuard:
             for e in self.steps.observe(step, loss, bool(m["nonfinite"]), bool(m["update_skipped"])):
                 title = "step skipped: non-finite loss" if e.kind == "nonfinite" else "loss spike"
                 self.alerts.send(e.kind, title, e.message, "WARN", e.step)
+            self.spikes.observe(step, loss, m.get("update_ratio"), m.get("learning_rate"), bool(m["update_skipped"]))
             self.last_step, self.last_loss = step, loss
             self.watchdog.beat()
 
