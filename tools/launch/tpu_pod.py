@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     coordinator = COORDINATOR
     if len(args.tpus) > 1 and not args.dry_run:
-        found = subprocess.run(coordinator_lookup(args), capture_output=True, text=True)
+        found = subprocess.run(coordinator_lookup(args), capture_output=True, text=True, check=False)
         if found.returncode or not found.stdout.strip():
             print(f"tpu_pod: cannot find worker 0 of {args.tpus[0]}: {found.stderr.strip()}", file=sys.stderr)
             return found.returncode or 1
