@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Sequence
 
 import gin
+import jax
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -90,8 +91,6 @@ def num_adapter_params(cfg) -> int:
 
 def a_init(n_in: int):
     """A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)): the kaiming-uniform default of PEFT and torch Linear."""
-    import jax
-
     bound = 1.0 / math.sqrt(n_in)
 
     def init(key, shape, dtype):
@@ -120,8 +119,6 @@ def is_adapter(path) -> bool:
 
 def adapter_mask(params):
     """A tree of bools matching `params`: True on adapter leaves (for optax.masked and the like)."""
-    import jax
-
     return jax.tree_util.tree_map_with_path(lambda p, _: is_adapter(p), params)
 
 

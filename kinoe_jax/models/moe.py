@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kinoe_jax.hardware.runtime import mesh_platform
 from kinoe_jax.models import moe_kernels as K
 from kinoe_jax.models.config import ModelConfig
 from kinoe_jax.models.layers import _init
@@ -139,8 +140,6 @@ def _grouped_per_device(impl: str, xr, counts, weights):
     weights. (The TPU compiler rejects a ragged dot with a batch dimension, which vmap over the
     groups would give it.) Under tensor parallelism every device holds a slice of the FFN
     width, so the down projection's partial sums are added over that axis."""
-    from kinoe_jax.hardware.runtime import mesh_platform  # noqa: PLC0415
-
     if impl == "gmm":
         interpret = mesh_platform() != "tpu"
         ffn = lambda x, sizes, wg, wu, wo: K.gmm_ffn(x, sizes, wg, wu, wo, interpret)  # noqa: E731

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kinoe_jax.hardware.runtime import mesh_platform
+
 
 # The dropless implementation chosen for each platform from measured or compiled figures
 # (docs/moe.md): blocks on the CPU (bench_moe.py), ragged_dot on GPU, megablox gmm on TPU
@@ -33,8 +35,6 @@ DEFAULT_IMPL = {"cpu": "blocks", "gpu": "ragged", "tpu": "gmm"}
 
 def default_impl(platform: str | None = None) -> str:
     """The dropless implementation for a platform (default: the mesh's, see kinoe_jax.hardware.runtime)."""
-    from kinoe_jax.hardware.runtime import mesh_platform  # noqa: PLC0415
-
     return DEFAULT_IMPL.get(platform or mesh_platform(), "ragged")
 
 
@@ -285,7 +285,8 @@ def gmm_rows(num_assignments: int) -> int:
 def gmm_ffn(rows, group_sizes, wi_gate, wi_up, wo, interpret: bool = False):
     """rows [R, E] of ONE group sorted by expert, group_sizes [X] -> [R, E] (rows past the
     groups are not written: callers read only routed rows)."""
-    from jax.experimental.pallas.ops.tpu.megablox import gmm  # noqa: PLC0415 (Pallas TPU)
+    # TPU-only: megablox is a Pallas TPU kernel, absent from some CPU and GPU installs.
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # noqa: PLC0415
 
     dt = rows.dtype
 

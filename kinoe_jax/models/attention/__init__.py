@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kinoe_jax.models.attention.blocked import (  # noqa: F401  (the package's public names)
     KERNEL_RESIDUAL, MASK_VALUE, RESIDUAL_NAMES, attend, attention_mask, causal_attention)
+from kinoe_jax.models.attention.gpu import cudnn_attention
 from kinoe_jax.models.config import ATTENTION_IMPLS as IMPLS
 from kinoe_jax.hardware.runtime import mesh_platform
 
@@ -39,12 +40,11 @@ def training_attention(q, k, v, segment_ids, cfg):
     """
     impl = choose(cfg.attention_impl, mesh_platform(), q.shape[1], q.dtype)
     if impl == "splash":
-        from kinoe_jax.models.attention.splash import splash_attention  # noqa: PLC0415 (Pallas TPU)
+        # TPU-only: splash loads Pallas' TPU kernels, which a CPU or GPU install may lack.
+        from kinoe_jax.models.attention.splash import splash_attention  # noqa: PLC0415
 
         return splash_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_block_q,
                                 cfg.attention_block_kv)
     if impl == "cudnn":
-        from kinoe_jax.models.attention.gpu import cudnn_attention  # noqa: PLC0415
-
         return cudnn_attention(q, k, v, segment_ids, cfg.sliding_window)
     return causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_chunk)
