@@ -15,6 +15,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "blocks", "ragged", "gmm", "dense")
 ATTENTION_IMPLS = ("auto", "blocked", "splash", "cudnn")
+MATMUL_DTYPES = ("default", "fp8", "int8")
 
 
 @gin.configurable
@@ -46,7 +47,13 @@ class ModelConfig:
     attention_block_kv: int = 512
     # Parameters stay fp32; activations and matmuls run in this dtype.
     dtype: str = "float32"
+    # Projection, MLP and expert matmuls: default (in `dtype`) | fp8 (H100/H200) | int8 (TPU
+    # v5e/v5p/v6e); kinoe_jax/models/quant.py says which matmuls and how they are scaled.
+    matmul_dtype: str = "default"
     remat_policy: str = "none"
+    # Training losses take log p(target) from the LM head this many positions at a time, never
+    # holding all the logits (kinoe_jax/models/lm_head.py); 0: materialise them (the reference).
+    lm_head_chunk: int = 512
     scan_layers: bool = True
     # Mixture of experts (0 experts: every layer dense).
     num_experts: int = 0
@@ -83,6 +90,8 @@ class ModelConfig:
             problems.append(f"rotary dims per head ({rot}) must be even")
         if self.dtype not in _DTYPES:
             problems.append(f"dtype {self.dtype!r} not one of {sorted(_DTYPES)}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            problems.append(f"matmul_dtype {self.matmul_dtype!r} not one of {MATMUL_DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy {self.remat_policy!r} not one of {REMAT_POLICIES}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -96,6 +105,8 @@ class ModelConfig:
         for name in ("attention_block_q", "attention_block_kv"):
             if getattr(self, name) < 128 or getattr(self, name) % 128:
                 problems.append(f"{name} {getattr(self, name)} must be a positive multiple of 128")
+        if self.lm_head_chunk < 0:
+            problems.append(f"lm_head_chunk {self.lm_head_chunk} must be >= 0 (0: all logits at once)")
         if self.moe_impl not in MOE_IMPLS:
             problems.append(f"moe_impl {self.moe_impl!r} not one of {MOE_IMPLS}")
         if self.moe_capacity_factor < 0 or self.moe_block_size < 1:

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from kinoe_jax.models.attention import RESIDUAL_NAMES
 from kinoe_jax.models.config import ModelConfig
-from kinoe_jax.models.layers import LORA_OUTPUT, MLP, Attention, Proj, RMSNorm, _init
+from kinoe_jax.models.layers import LORA_OUTPUT, MLP, Attention, RMSNorm, _init
+from kinoe_jax.models.lm_head import LMHead, target_logps
 from kinoe_jax.models.moe import MoeBlock
 
 _policies = jax.checkpoint_policies
@@ -74,6 +75,8 @@ class LayerGroup(nn.Module):
 class Transformer(nn.Module):
     """tokens [batch, length] -> (logits [batch, length, vocab] fp32, aux dict of per-layer stats).
 
+    With `targets` [batch, length] it returns (log p(target) [batch, length] fp32, aux) instead,
+    without holding all the logits when ModelConfig.lm_head_chunk > 0 (the training losses).
     lora_enabled=False computes the base model from the same params (adapters left unread).
     """
 
@@ -82,7 +85,7 @@ class Transformer(nn.Module):
     lora_enabled: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, targets=None):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
@@ -114,9 +117,15 @@ class Transformer(nn.Module):
             aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes and auxes[0] else {}
 
         x = RMSNorm(cfg, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Proj((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x)
+        head = None if cfg.tie_embeddings else LMHead(cfg, name="lm_head")
+        if targets is not None and cfg.lm_head_chunk:
+            if head is None:
+                return target_logps(x, embed.embedding.T, targets, cfg.lm_head_chunk, cfg.compute_dtype), aux
+            return head(x, targets), aux
+        logits = embed.attend(x) if head is None else head(x)
         logits = nn.with_logical_constraint(logits, ("batch", "activation_length", "activation_vocab"))
-        return logits.astype(jnp.float32), aux
+        logits = logits.astype(jnp.float32)
+        if targets is not None:
+            logits = jax.nn.log_softmax(logits)
+            return jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0], aux
+        return logits, aux

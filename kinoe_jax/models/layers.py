@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from kinoe_jax.models import lora as lora_lib
+from kinoe_jax.models import quant
 from kinoe_jax.models.attention import attend, attention_mask, causal_attention, training_attention
 from kinoe_jax.models.config import ModelConfig
 
@@ -57,7 +58,8 @@ class Proj(nn.Module):
         lead = x.shape[:-self.contract]
         n_in, n_out = math.prod(shape[:self.contract]), math.prod(self.features)
         x2 = x.astype(dtype).reshape(-1, n_in)
-        y = x2 @ kernel.astype(dtype).reshape(n_in, n_out)
+        quant.check_mode(self.cfg.matmul_dtype)
+        y = quant.matmul(x2, kernel.astype(dtype).reshape(n_in, n_out), self.cfg.matmul_dtype)
         lora = self.cfg.lora
         if self.lora_enabled and lora is not None and self.name in lora.targets:
             y = checkpoint_name(y + self._adapter(x2, shape, lora), LORA_OUTPUT)

@@ -56,7 +56,9 @@ class Models:
     """Forward passes the loss may use. `base` is the model with its LoRA adapters switched off
     (None without LoRA): the same parameters, so a frozen reference costs no second copy."""
 
-    apply: Callable  # (params, tokens, positions, segment_ids, rng=None) -> (logits, aux)
+    # (params, tokens, positions, segment_ids, rng=None, targets=None) -> (logits, aux), or with
+    # targets (log p(target) per token, aux) without holding all the logits (models/lm_head.py).
+    apply: Callable
     base: Callable | None = None
 
 

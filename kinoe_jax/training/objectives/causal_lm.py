@@ -1,7 +1,8 @@
 """Next-token cross-entropy: pretraining, and SFT (whose loss weights keep only the replies).
 
 Batches are seqio's packed rows (kinoe_jax/data/pipeline.py); the loss is the weighted mean over
-every weighted token of the step, whatever its micro-batch.
+every weighted token of the step, whatever its micro-batch. The model gives log p(target) per
+token straight from its LM head, which never holds all the logits (kinoe_jax/models/lm_head.py).
 """
 
 from __future__ import annotations
@@ -9,16 +10,11 @@ from __future__ import annotations
 import gin
 import jax
 import jax.numpy as jnp
-import optax
 
 from kinoe_jax.data import phases, pipeline
 from kinoe_jax.training.objectives.base import Models, Objective, RunInfo, TrainData, aux_loss
 from kinoe_jax.parallel import sharding as shd
 from kinoe_jax.data import batch_checks
-
-
-def token_ce(logits, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
 @gin.configurable("causal_lm")
@@ -45,9 +41,9 @@ class CausalLM(Objective):
         return {"num_tokens": jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)}
 
     def loss(self, models: Models, params, micro, totals, num_micro, extra, rng):
-        logits, aux = models.apply(params, micro["decoder_input_tokens"], micro["decoder_positions"],
-                                   micro["decoder_segment_ids"], rng)
-        ce = token_ce(logits, micro["decoder_target_tokens"])
+        logp, aux = models.apply(params, micro["decoder_input_tokens"], micro["decoder_positions"],
+                                 micro["decoder_segment_ids"], rng, targets=micro["decoder_target_tokens"])
+        ce = -logp
         ce_sum = jnp.sum(ce * micro["decoder_loss_weights"].astype(jnp.float32))
         return ce_sum / totals["num_tokens"] + aux_loss(aux) / num_micro, {"ce_sum": ce_sum, **aux}
 
@@ -62,10 +58,10 @@ class CausalLM(Objective):
             return {}
         if self._eval_fn is None:
             def eval_step(params, batch):
-                logits, _ = models.apply(params, batch["decoder_input_tokens"], batch["decoder_positions"],
-                                         batch["decoder_segment_ids"])
+                logp, _ = models.apply(params, batch["decoder_input_tokens"], batch["decoder_positions"],
+                                       batch["decoder_segment_ids"], targets=batch["decoder_target_tokens"])
                 w = batch["decoder_loss_weights"].astype(jnp.float32)
-                return jnp.sum(token_ce(logits, batch["decoder_target_tokens"]) * w), jnp.sum(w)
+                return -jnp.sum(logp * w), jnp.sum(w)
 
             self._eval_fn = jax.jit(eval_step)
         first = self._eval_batches[0]["decoder_input_tokens"]

@@ -43,9 +43,8 @@ BUILTIN_PREFERENCES = os.path.join(BUILTIN_DIR, "sft", "preference.jsonl")
 # ----------------------------------------------------------------------------- the formula
 def sequence_logps(apply, params, batch: dict, prefix: str, rng=None):
     """Summed log-probability of each row's weighted tokens (the reply), and the model's aux."""
-    logits, aux = apply(params, batch[f"{prefix}_inputs"], batch[f"{prefix}_positions"],
-                        batch[f"{prefix}_segment_ids"], rng)
-    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, batch[f"{prefix}_targets"])
+    logp, aux = apply(params, batch[f"{prefix}_inputs"], batch[f"{prefix}_positions"],
+                      batch[f"{prefix}_segment_ids"], rng, targets=batch[f"{prefix}_targets"])
     return jnp.sum(logp * batch[f"{prefix}_weights"].astype(jnp.float32), axis=-1), aux
 
 
