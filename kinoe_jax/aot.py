@@ -114,7 +114,10 @@ def main(argv=None) -> int:
     except (chips.TargetError, ValueError) as e:
         raise SystemExit(str(e).splitlines()[0])
     chip = CHIPS[args.accelerator] if args.accelerator else (tgt.chip if tgt else CHIPS["h100"])
-    mesh = make_mesh(devices=devices)
+    try:
+        mesh = make_mesh(devices=devices)
+    except ValueError as e:  # sizes that do not match the devices or their slices / hosts
+        raise SystemExit(str(e).splitlines()[0])
     global_batch = args.global_batch or data.global_batch
     try:
         report = fit_report(
@@ -122,7 +125,8 @@ def main(argv=None) -> int:
             grad_accum=args.grad_accum or data.grad_accum, zero1=_zero1_from_gin() if args.zero1 is None else True,
             device_memory_gb=args.device_memory_gb or chip.memory_gb,
             peak_tflops=args.peak_tflops or chip.peak_tflops, hbm_gbps=chip.hbm_gbps, mfu=args.mfu,
-            target=tgt.describe() if tgt else None, objective=_objective(args.objective))
+            target=tgt.describe() if tgt else None, objective=_objective(args.objective), chip=chip,
+            devices_per_granule=_gin_value("make_mesh.devices_per_granule", None))
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -162,12 +166,16 @@ def _cpu_devices(num_devices):
 
 
 def _zero1_from_gin() -> bool:
+    return bool(_gin_value("train.zero1", False))
+
+
+def _gin_value(name: str, default):
     import gin
 
     try:
-        return bool(gin.query_parameter("train.zero1"))
+        return gin.query_parameter(name)
     except ValueError:
-        return False
+        return default
 
 
 if __name__ == "__main__":

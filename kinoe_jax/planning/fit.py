@@ -16,8 +16,9 @@ from kinoe_jax.models import Transformer
 from kinoe_jax.models.attention import choose
 from kinoe_jax.models.attention.splash import block_sizes_for
 from kinoe_jax.parallel import sharding as shd
+from kinoe_jax.parallel.mesh import tier_of_axes
 from kinoe_jax.parallel.rules import flax_rules
-from kinoe_jax.planning import hlo_stats, kernel_costs
+from kinoe_jax.planning import hlo_stats, kernel_costs, network
 from kinoe_jax.training import optim
 from kinoe_jax.training.objectives import CausalLM, RunInfo
 from kinoe_jax.training.state import abstract_state
@@ -63,6 +64,15 @@ class FitReport:
     objective: str = "causal_lm"
     step_tokens: int | None = None  # tokens the objective processes per step (DPO: both replies)
     frozen_bytes: int = 0  # per device: inputs beside the state (full DPO's reference parameters)
+    # The networks (kinoe_jax.planning.network), when the chip is known: bytes per device per
+    # step by tier name, what the layout needs at the least there, and the step time that adds
+    # the communication compute cannot hide.
+    collectives_by_tier: dict | None = None
+    ideal_bytes_by_tier: dict | None = None
+    comm_s_by_tier: dict | None = None
+    axis_tiers: dict | None = None
+    exposed_comm_s: float | None = None
+    estimated_step_s: float | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -86,6 +96,12 @@ class FitReport:
             return None
         return self.flops_formula / (self.roofline_s * self.peak_tflops * 1e12 * self.num_devices)
 
+    def estimate_mfu(self) -> float | None:
+        """The formula's FLOPs over the estimated step time (compute plus exposed communication)."""
+        if not (self.estimated_step_s and self.peak_tflops):
+            return None
+        return self.flops_formula / (self.estimated_step_s * self.peak_tflops * 1e12 * self.num_devices)
+
     def tokens_per_sec(self, mfu: float | None = None) -> float | None:
         """Whole slice, at `mfu` (default: the estimate)."""
         mfu = mfu if mfu is not None else self.estimated_mfu()
@@ -103,7 +119,9 @@ class FitReport:
         d.update(fits=self.fits, tokens_per_step=self.tokens_per_step, flops_compiled=self.flops_compiled,
                  estimated_mfu=self.estimated_mfu(), tokens_per_sec=tps,
                  tokens_per_sec_per_device=tps / self.num_devices if tps else None,
-                 memory_fraction=self.memory_fraction)
+                 memory_fraction=self.memory_fraction, estimate_mfu=self.estimate_mfu())
+        est = self.tokens_per_sec(self.estimate_mfu()) if self.estimate_mfu() else None
+        d.update(estimate_tokens_per_sec=est, estimate_tokens_per_sec_per_device=est / self.num_devices if est else None)
         return d
 
 
@@ -190,7 +208,8 @@ def fsdp_ideal_bytes(model_cfg, mesh) -> float | None:
 def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int = 1, zero1: bool = False,
                device_memory_gb: float | None = None, peak_tflops: float | None = None,
                hbm_gbps: float | None = None, mfu: float | None = None, target: str | None = None,
-               objective=None) -> FitReport:
+               objective=None, chip=None, devices_per_granule: int | None = None) -> FitReport:
+    """`chip` (kinoe_jax.hardware.chips.Chip) adds the networks: bytes per tier and a step estimate."""
 
     platform = mesh.devices.flat[0].platform
     check_shapes(model_cfg, seq_len, platform)
@@ -213,13 +232,20 @@ def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int
     temp_b = int(mem.temp_size_in_bytes)
     peak = peak_tflops * 1e12 if peak_tflops else None
     bandwidth = hbm_gbps * 1e9 if hbm_gbps else None
-    stats = hlo_stats.analyze(compiled.as_text(), mesh.size, peak, bandwidth)
+    granules = network.granule_of(mesh, devices_per_granule)
+    stats = hlo_stats.analyze(compiled.as_text(), mesh.size, peak, bandwidth, granules)
     kernels = kernel_costs.price(stats.custom_calls, stats.custom_call_operands, model_cfg)
     kernel_rows = [dict(name=k.name, calls=k.calls, flops=k.flops, bytes=k.bytes,
                         seconds=k.seconds(peak, bandwidth) if peak and bandwidth else None) for k in kernels]
     roofline = None
     if peak and bandwidth:
         roofline = stats.roofline_s + sum(r["seconds"] for r in kernel_rows)
+    net, ideal, axis_tiers = None, None, None
+    if chip is not None:
+        axis_tiers = tier_of_axes(mesh, devices_per_granule)
+        ideal = network.ideal_bytes_by_tier(model_cfg, mesh, axis_tiers, chip, params_b)
+        if roofline is not None:
+            net = network.estimate(stats, kernel_rows, chip, roofline)
     return FitReport(
         model=dataclasses.asdict(model_cfg), mesh=dict(mesh.shape), num_devices=mesh.size, platform=platform,
         target=target, seq_len=seq_len, global_batch=global_batch, grad_accum=grad_accum, zero1=zero1,
@@ -236,7 +262,11 @@ def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int
         collective_bytes=stats.collective_bytes, fsdp_ideal_bytes=fsdp_ideal_bytes(model_cfg, mesh),
         kernels=kernel_rows, unpriced_kernels=kernel_costs.unpriced(stats.custom_calls), roofline_s=roofline,
         xla_optimal_s=_xla_optimal_seconds(compiled), device_memory_gb=device_memory_gb,
-        peak_tflops=peak_tflops, mfu=mfu)
+        peak_tflops=peak_tflops, mfu=mfu, axis_tiers=axis_tiers, ideal_bytes_by_tier=ideal,
+        collectives_by_tier=net.collectives_by_tier if net else (
+            {network.tier_names(chip)[t]: b for t, b in stats.tier_bytes.items()} if chip else None),
+        comm_s_by_tier=net.comm_s_by_tier if net else None,
+        exposed_comm_s=net.exposed_comm_s if net else None, estimated_step_s=net.estimated_step_s if net else None)
 
 
 def _formula_flops(model_cfg, mesh, seq_len, global_batch, objective) -> float:
@@ -252,6 +282,30 @@ def _tokens(model_cfg, mesh, seq_len, global_batch, objective) -> int | None:
 # ----------------------------------------------------------------------------- report
 def _gib(n: float) -> str:
     return f"{n / GIB:8.2f} GiB"
+
+
+def _network_lines(r: FitReport) -> list:
+    if r.collectives_by_tier is None:
+        return []
+    ideal = r.ideal_bytes_by_tier or {}
+    parts = []
+    for name, b in r.collectives_by_tier.items():
+        part = f"{name} {b / GIB:.2f} GiB"
+        if ideal.get(name):
+            part += f" (ideal {ideal[name] / GIB:.2f}, {b / ideal[name]:.2f}x)"
+        if r.comm_s_by_tier and name in r.comm_s_by_tier:
+            part += f" = {r.comm_s_by_tier[name] * 1e3:.4g} ms"
+        parts.append(part)
+    axes = ", ".join(f"{a} {t}" for a, t in (r.axis_tiers or {}).items() if r.mesh.get(a, 1) > 1)
+    lines = [f"networks per step and device: {'; '.join(parts) or 'no collectives'}"
+             + (f" (mesh axes: {axes})" if axes else "")]
+    if r.estimated_step_s and r.estimate_mfu():
+        tps = r.tokens_per_sec(r.estimate_mfu())
+        lines.append(f"estimated step time {r.estimated_step_s:.4g} s = compute {r.roofline_s:.4g} s + exposed "
+                     f"communication {r.exposed_comm_s:.4g} s ({r.exposed_comm_s / r.estimated_step_s:.0%} of the "
+                     f"step) -> {r.estimate_mfu():.1%} MFU, {tps / r.num_devices:,.0f} tokens/s per device "
+                     f"({tps:,.0f} for the slice)")
+    return lines
 
 
 def format_report(r: FitReport, accelerator: str | None = None, train_tokens: float | None = None) -> str:
@@ -298,6 +352,7 @@ def format_report(r: FitReport, accelerator: str | None = None, train_tokens: fl
         lines.append(f"roofline step time {r.roofline_s:.4g} s -> at most {est:.1%} MFU, {tps / r.num_devices:,.0f} "
                      f"tokens/s per device ({tps:,.0f} for the slice); an upper bound that ranks choices"
                      + (f"; XLA's optimal_seconds {r.xla_optimal_s:.4g} s (loop bodies once)" if r.xla_optimal_s else ""))
+    lines += _network_lines(r)
     if r.mfu and r.peak_tflops:
         tps = r.tokens_per_sec(r.mfu)
         lines.append(f"at {r.mfu:.0%} MFU of {r.peak_tflops:g} TFLOP/s per device: {tps:,.0f} tokens/s "
@@ -306,8 +361,11 @@ def format_report(r: FitReport, accelerator: str | None = None, train_tokens: fl
         est_days = r.train_days(train_tokens)
         stated = r.train_days(train_tokens, r.mfu) if r.mfu else None
         parts = []
+        if r.estimate_mfu():
+            parts.append(f"{r.train_days(train_tokens, r.estimate_mfu()):,.3g} days at the estimate's "
+                         f"{r.estimate_mfu():.1%} MFU")
         if est_days:
-            parts.append(f"{est_days:,.3g} days at the estimated {r.estimated_mfu():.1%} MFU")
+            parts.append(f"{est_days:,.3g} days at the bound's {r.estimated_mfu():.1%} MFU")
         if stated:
             parts.append(f"{stated:,.3g} days at {r.mfu:.0%} MFU")
         lines.append(f"plan: {train_tokens:.3g} tokens on {where}: " + " / ".join(parts))
@@ -318,6 +376,20 @@ def format_report(r: FitReport, accelerator: str | None = None, train_tokens: fl
             lines.append(f"FITS: {need:.1f} GB of {what} per device ({need / r.device_memory_gb:.0%})")
         else:
             lines.append(f"DOES NOT FIT: needs {need:.1f} GB per device, the device has {what} "
-                         f"(short by {need - r.device_memory_gb:.1f} GB). Try more devices, FSDP "
-                         f"(gin_configs/mesh/fsdp.gin), a smaller micro-batch (grad_accum), or remat.")
+                         f"(short by {need - r.device_memory_gb:.1f} GB). {fit_hint(r)}")
     return "\n".join(lines)
+
+
+def fit_hint(r: FitReport) -> str:
+    """The documented switch most likely to make a step fit, from where its memory goes."""
+    state = r.params_bytes + r.opt_state_bytes
+    floor_ratio = state / max(r.min_state_bytes, 1)
+    if floor_ratio > 1.5 and r.mesh.get("fsdp", 1) < r.num_devices:
+        return (f"The state is held {floor_ratio:.1f}x the floor: split it over more devices with FSDP "
+                "(gin_configs/mesh/fsdp.gin or hsdp.gin).")
+    if r.min_state_bytes > 0.7 * r.device_memory_gb * 1e9:
+        return "The state alone nearly fills a device: use a larger slice or more slices (--target)."
+    if r.model.get("remat_policy") != "full":
+        return ("Activations dominate: remat 'full' (--gin_bindings=ModelConfig.remat_policy='full') "
+                f"or more accumulation (--grad_accum={2 * r.grad_accum}).")
+    return f"Activations dominate under full remat: more accumulation (--grad_accum={2 * r.grad_accum}) or a larger slice."

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from kinoe_jax.planning.hlo_stats import DTYPE_BYTES, _arrays
+from kinoe_jax.planning.hlo_parse import DTYPE_BYTES, arrays
 
 
 @dataclasses.dataclass
@@ -42,17 +42,17 @@ def visible_pairs(seq_len: int, window, block_q: int, block_kv: int) -> float:
     return float(pairs)
 
 
-def _float_arrays(shapes):
+def _floatarrays(shapes):
     out = []
     for text in shapes:
-        for dtype, dims in _arrays(text):
+        for dtype, dims in arrays(text):
             if dtype in ("bf16", "f16", "f32") and len(dims) >= 3:
                 out.append((dtype, dims))
     return out
 
 
 def _attention(name, calls, shapes, cfg, blocks, layout_bhtd: bool, split_dq: bool) -> KernelCost | None:
-    arrays = _float_arrays(shapes)
+    arrays = _floatarrays(shapes)
     if not arrays:
         return None
     dtype, q = arrays[0]
@@ -78,7 +78,7 @@ def _attention(name, calls, shapes, cfg, blocks, layout_bhtd: bool, split_dq: bo
 
 
 def _grouped_matmul(name, calls, shapes) -> KernelCost | None:
-    arrays = [a for text in shapes for a in _arrays(text) if a[0] in ("bf16", "f16", "f32")]
+    arrays = [a for text in shapes for a in arrays(text) if a[0] in ("bf16", "f16", "f32")]
     mats = [a for a in arrays if len(a[1]) in (2, 3)]
     if len(mats) < 2:
         return None
