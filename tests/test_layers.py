@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from paths import REPO
 
 
 def test_import_contracts_are_kept():

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from paths import REPO
+
 from kinoe_jax.corpus import cli, local_runner
 from kinoe_jax.corpus.filters import normalize_text
 
-REPO = Path(__file__).resolve().parents[1]
 
 # --- documents that pass every filter --------------------------------------
 D1 = ("秋の京都は、紅葉を目当てに訪れる人でとても賑わいます。朝早くに嵐山へ向かうと、まだ観光客が少なく、"
@@ -339,7 +340,7 @@ def test_failure_leaves_no_partial_output(raw, tmp_path, monkeypatch):
 def test_pattern_matching_nothing_is_an_error(raw, tmp_path):
     missing = f"{raw}/nothing-*.jsonl"
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "prepare_corpus.py"), f"--input={raw}/a.jsonl",
+        [sys.executable, str(Path(REPO, "tools", "prepare_corpus.py")), f"--input={raw}/a.jsonl",
          f"--input={missing}", f"--output_dir={tmp_path / 'clean'}"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

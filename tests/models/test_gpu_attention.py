@@ -70,8 +70,9 @@ def test_accelerator_benchmark_refuses_a_cpu():
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench",
-                        "bench_accelerator.py")
+    from paths import REPO
+
+    path = os.path.join(REPO, "tools", "bench", "bench_accelerator.py")
     spec = importlib.util.spec_from_file_location("bench_accelerator", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from conftest import REPO
-from test_sft_runs import sft_runs
+from paths import REPO
+from reference_runs import sft_runs
 
 from kinoe_jax.sft import mt_bench
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO
-from test_dpo import DPO_GIN, _run_dpo, dpo_bindings, dpo_reference
+from paths import REPO
+from reference_runs import DPO_GIN, dpo_bindings, dpo_reference, run_dpo
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_sigterm_saves_and_the_resumed_dpo_run_is_bitwise_the_uninterrupted_one(
         alerts = [json.loads(line) for line in f]
     assert alerts[-1]["kind"] == "preempted" and f"stopped at step {stopped} (SIGTERM)" in alerts[-1]["text"]
 
-    resumed = _losses(_run_dpo(work, reference))
+    resumed = _losses(run_dpo(work, reference))
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert resumed[step] == full[step], f"step {step}: {resumed[step]} != {full[step]} (must be bitwise)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,10 @@ import gin
 import numpy as np
 import pytest
 
+from paths import REPO, TESTS
+from ports import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 FIXED_TASK = "kinoe_fixed_len"
 SEQ_LEN = 64
 
@@ -89,39 +90,6 @@ def _compilation_cache() -> str:
     return _CACHE[0]
 
 
-_PORTS_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free localhost port below the kernel's ephemeral range, never handed out twice.
-
-    A port from bind(("", 0)) is an ephemeral one: in the seconds before the coordinator binds
-    it, a socket of another run (gloo pairs, gRPC clients) may take it, and two runs started side
-    by side may be handed the same number. Ports below the ephemeral range are only taken by
-    explicit binds."""
-    import random
-
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
-        if port in _PORTS_GIVEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("localhost", port))
-            except OSError:
-                continue
-        _PORTS_GIVEN.add(port)
-        return port
-    raise RuntimeError("no free localhost port below the ephemeral range")
-
-
 def _bindings(total_steps: int, extra=()) -> list[str]:
     from conftest import TEST_MODEL  # lazily: conftest would give a worker 8 devices
 
@@ -136,7 +104,8 @@ def _bindings(total_steps: int, extra=()) -> list[str]:
 
 def start(workdir, num_processes: int, total_steps: int, extra=()) -> list[subprocess.Popen]:
     """Start kinoe_jax.train as `num_processes` processes sharing 8 simulated CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    path = os.pathsep.join([HERE, TESTS, os.environ.get("PYTHONPATH", "")])  # the workers import this module
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}",
                WANDB_MODE="disabled", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                JAX_COMPILATION_CACHE_DIR=_compilation_cache(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from paths import REPO
 from kinoe_jax.data.vocab import BUILTIN_TOKENIZER
 from kinoe_jax.hf import convert_to_hf
 from kinoe_jax.hf.mapping import param_shapes

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, run_training
+from conftest import run_training
+from paths import REPO
 from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER
 from kinoe_jax.hf import ConversionError, convert_from_hf, convert_to_hf
 from kinoe_jax.hf.synthetic import write_random_checkpoint

@@ -8,7 +8,7 @@ import os
 import pytest
 import sentencepiece as spm
 
-from conftest import REPO
+from paths import REPO
 from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER, CHAT_SYMBOLS, EOS_ID, PAD_ID, UNK_ID
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO
 
 TOOLS = {
     "train": ["-m", "kinoe_jax.train"],

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_training
+from conftest import run_training
+from paths import REPO
 
 
 def _losses(rows):

@@ -3,12 +3,10 @@
 the watchdog and the SIGTERM handler. The end-to-end fault injection lives in
 test_resilience_runs.py."""
 
-import glob
 import http.server
 import json
 import os
 import signal
-import struct
 import threading
 import time
 
@@ -19,6 +17,7 @@ import optax
 import pytest
 
 from conftest import run_training
+from wandb_log import wandb_alerts
 from kinoe_jax.utils.errors import ConfigError
 from kinoe_jax.training.resilience import Faults, StepGuard, skip_bad_update
 from kinoe_jax.training.resilience.alerts import Alerter
@@ -192,37 +191,6 @@ def test_webhook_url_comes_from_the_environment(monkeypatch):
     finally:
         server.shutdown()
     assert len(received) == 1 and "r1: run stalled" in received[0]["text"] and "ERROR" in received[0]["text"]
-
-
-def _wandb_records(path):
-    """Records of a W&B transaction log (.wandb): a 7-byte header, then LevelDB-style blocks."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = open(path, "rb").read()
-    assert data[:4] == b":W&B"
-    pos, block, pending, out = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            out.append(record)
-    return out
-
-
-def wandb_alerts(workdir) -> list[tuple[str, str, str]]:
-    found = []
-    for path in sorted(glob.glob(os.path.join(str(workdir), "wandb", "offline-run-*", "*.wandb"))):
-        found += [(r.alert.title, r.alert.text, r.alert.level) for r in _wandb_records(path)
-                  if r.WhichOneof("record_type") == "alert"]
-    return found
 
 
 def test_alerts_go_through_wandb_offline(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from paths import REPO
 
 
 SHORT = ["train.total_steps = 10", "train.eval_every = 5", "train.downstream_eval_every = 10",

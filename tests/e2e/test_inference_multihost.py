@@ -2,7 +2,7 @@
 gloo collectives on localhost) gives exactly what one process with all 8 devices gives, and
 every process gets the whole result.
 
-The file is also the worker: `python tests/test_inference_multihost.py PROCESS_ID COUNT PORT OUT`.
+The file is also the worker: `python tests/e2e/test_inference_multihost.py PROCESS_ID COUNT PORT OUT`.
 """
 
 import json
@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from paths import REPO
+from ports import free_port
 
 
 def _work(process_id: int, count: int, port: int, out: str) -> None:
@@ -55,11 +56,9 @@ def _work(process_id: int, count: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_generate_what_one_does(tmp_path):
-    from test_multihost import free_port
-
     def launch(count):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // count}",
-                   TF_CPP_MIN_LOG_LEVEL="2")
+                   TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
         port = free_port()
         return [subprocess.Popen([sys.executable, __file__, str(i), str(count), str(port), str(tmp_path / f"n{count}")],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -80,5 +79,4 @@ def test_two_processes_generate_what_one_does(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(HERE))
     _work(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -6,19 +6,14 @@ import math
 import os
 import shutil
 
-import gin
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
-from test_sft_runs import sft_runs
+from reference_runs import dpo_reference, run_dpo
 
 from kinoe_jax.training.objectives import dpo as dpo_lib
-from kinoe_jax.training import loop as train_lib
-from kinoe_jax.config.gin_io import load_gin
 from kinoe_jax.data.vocab import BOS_ID, get_vocabulary
-from kinoe_jax.training.metrics_writer import read_metrics
 from kinoe_jax.data.chat.conversation import encode, end_id
 from kinoe_jax.data.chat.preference import load_pairs
 
@@ -76,44 +71,6 @@ def test_step_batches_cover_each_epoch_once_and_are_reproducible():
     assert not np.array_equal(dpo_lib.step_indices(0, b, n, seed=4), stream[:4])
 
 
-DPO_GIN = os.path.join(REPO, "gin_configs/runs/dpo_tiny_ja.gin")
-
-
-def dpo_bindings(reference):
-    """The tiny DPO run of these tests (also run as a subprocess by test_dpo_runs.py)."""
-    return [
-        f"load_params_from.checkpoint_dir = '{reference}'",
-        "DataConfig.seq_len = 128",  # keeps about half of the built-in pairs
-        "train.model_overrides = {'max_seq_len': 128}",  # the SFT model was made for 64 tokens
-        "train.total_steps = 12", "train.log_every = 1", "train.eval_every = 6", "train.downstream_eval_every = 0",
-        "CheckpointConfig.save_every = 6", "CheckpointConfig.async_save = False",
-        "cosine_schedule.peak_lr = 2e-3", "cosine_schedule.warmup_steps = 2",
-        "MetricsWriter.use_wandb = False", "MetricsWriter.progress = False"]
-
-
-def _run_dpo(workdir, reference, bindings=()):
-    gin.clear_config()
-    load_gin([DPO_GIN], dpo_bindings(reference) + list(bindings))
-    try:
-        train_lib.train(str(workdir))
-    finally:
-        gin.clear_config()
-    return read_metrics(str(workdir))
-
-
-_REFERENCE: dict = {}
-
-
-def dpo_reference():
-    """One uninterrupted tiny DPO run from the SFT run, made once per session (the resume tests
-    compare against it): {"dir", "rows", "sft"}."""
-    if not _REFERENCE:
-        sft = os.path.join(sft_runs()["sft"], "checkpoints")
-        work = os.path.join(os.path.dirname(sft_runs()["sft"]), "dpo_reference")
-        _REFERENCE.update(dir=work, rows=_run_dpo(work, sft), sft=sft)
-    return _REFERENCE
-
-
 @pytest.mark.slow
 def test_tiny_dpo_run_raises_preference_accuracy_and_resumes(tmp_path):
     run = dpo_reference()
@@ -138,6 +95,6 @@ def test_tiny_dpo_run_raises_preference_accuracy_and_resumes(tmp_path):
     # step 12 instead of starting over.
     work = tmp_path / "dpo"
     shutil.copytree(run["dir"], work)
-    more = _run_dpo(work, reference, ["train.total_steps = 14"])
+    more = run_dpo(work, reference, ["train.total_steps = 14"])
     assert [r["step"] for r in more if "loss" in r] == list(range(1, 15))
     assert [r["step"] for r in more if "eval_loss" in r] == [0, 6, 12, 14]

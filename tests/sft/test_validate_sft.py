@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import REPO
+from paths import REPO
 
 from kinoe_jax.sft import mora
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from test_sft_runs import sft_runs
+from reference_runs import sft_runs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from paths import REPO
+
 from kinoe_jax.models import ModelConfig, Transformer
 from kinoe_jax.models import moe_kernels as K
 from kinoe_jax.models.moe import MoeBlock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A larger init than training uses, so outputs are O(1) and routing decisive: tolerances then
 # mean something.
 CFG = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,

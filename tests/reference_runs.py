@@ -1,5 +1,6 @@
-"""A tiny pretraining run followed by a tiny SFT run from its checkpoint (on the built-in senryu
-set). The runs are made once per test session and reused by the DPO and MT-Bench tests."""
+"""The tiny reference runs several test folders share, each made once per test session: a
+pretraining run, an SFT run from its checkpoint (on the built-in senryu set), and a DPO run from
+the SFT model."""
 
 import atexit
 import logging
@@ -8,13 +9,14 @@ import shutil
 import tempfile
 
 import gin
-import numpy as np
-import pytest
 
-from conftest import REPO, TEST_MODEL, run_training
+from conftest import run_training
+from paths import REPO
 
-from kinoe_jax.data import pipeline
+from kinoe_jax.config.gin_io import load_gin
 from kinoe_jax.sft import tasks
+from kinoe_jax.training import loop as train_lib
+from kinoe_jax.training.metrics_writer import read_metrics
 
 SENRYU = os.path.join(tasks.BUILTIN_SFT_DIR, "senryu.jsonl")
 SFT_STEPS = 12
@@ -65,35 +67,39 @@ def sft_runs() -> dict:
     return _RUNS
 
 
-@pytest.mark.slow
-def test_sft_run_from_a_pretrained_checkpoint():
-    runs = sft_runs()
-    log = runs["log"]
-    assert any("initialised parameters from" in m and runs["pre"] in m for m in log)
-    # Senryu items longer than 64 tokens are reported by file:line, not trained on.
-    assert any("too_long" in m and "senryu.jsonl:" in m for m in log)
-    losses = [r["loss"] for r in runs["sft_rows"]]
-    assert len(losses) == SFT_STEPS and np.isfinite(losses).all()
-    assert np.mean(losses[-3:]) < losses[0] - 0.5
-    assert losses[0] < runs["pre_rows"][0]["loss"]  # it starts from the pretrained weights
-    assert os.path.isdir(os.path.join(runs["sft"], "checkpoints", str(SFT_STEPS)))
+DPO_GIN = os.path.join(REPO, "gin_configs/runs/dpo_tiny_ja.gin")
 
-    # The trainer's token count is the assistant-token count of the same first batch.
-    from kinoe_jax.config.gin_io import load_gin
 
-    load_gin([os.path.join(REPO, "gin_configs/models/tiny_ja.gin")], TEST_MODEL + SFT_BINDINGS)
-    tasks.register_sft_task("sft_senryu", SENRYU)
-    first = next(iter(pipeline.train_dataset(pipeline.DataConfig())))
-    weights = np.asarray(first["decoder_loss_weights"])
-    assert runs["sft_rows"][0]["num_tokens"] == weights.sum() < 0.75 * weights.size
+def dpo_bindings(reference):
+    """The tiny DPO run of these tests (also run as a subprocess by tests/e2e/test_dpo_runs.py)."""
+    return [
+        f"load_params_from.checkpoint_dir = '{reference}'",
+        "DataConfig.seq_len = 128",  # keeps about half of the built-in pairs
+        "train.model_overrides = {'max_seq_len': 128}",  # the SFT model was made for 64 tokens
+        "train.total_steps = 12", "train.log_every = 1", "train.eval_every = 6", "train.downstream_eval_every = 0",
+        "CheckpointConfig.save_every = 6", "CheckpointConfig.async_save = False",
+        "cosine_schedule.peak_lr = 2e-3", "cosine_schedule.warmup_steps = 2",
+        "MetricsWriter.use_wandb = False", "MetricsWriter.progress = False"]
+
+
+def run_dpo(workdir, reference, bindings=()):
     gin.clear_config()
+    load_gin([DPO_GIN], dpo_bindings(reference) + list(bindings))
+    try:
+        train_lib.train(str(workdir))
+    finally:
+        gin.clear_config()
+    return read_metrics(str(workdir))
 
 
-@pytest.mark.slow
-def test_generate_chat_cli_answers_from_the_sft_workdir(capsys):
-    from kinoe_jax.inference import texts as generate
+_REFERENCE: dict = {}
 
-    reply = generate.main([f"--workdir={sft_runs()['sft']}", "--chat", "--system=短く答えます。",
-                           "--prompt=猫の川柳をお願いします。", "--max_new_tokens=5"])
-    assert isinstance(reply, str) and "<|" not in reply
-    assert capsys.readouterr().out.strip() == reply.strip()
+
+def dpo_reference():
+    """One uninterrupted tiny DPO run from the SFT run, made once per session (the resume tests
+    compare against it): {"dir", "rows", "sft"}."""
+    if not _REFERENCE:
+        sft = os.path.join(sft_runs()["sft"], "checkpoints")
+        work = os.path.join(os.path.dirname(sft_runs()["sft"]), "dpo_reference")
+        _REFERENCE.update(dir=work, rows=run_dpo(work, sft), sft=sft)
+    return _REFERENCE

@@ -7,7 +7,7 @@ import gin
 import jax
 import pytest
 
-from conftest import REPO
+from paths import REPO
 
 TINY = ["ModelConfig.vocab_size = 4000", "ModelConfig.hidden_size = 64", "ModelConfig.intermediate_size = 128",
         "ModelConfig.num_layers = 4", "ModelConfig.num_heads = 4", "ModelConfig.num_kv_heads = 2",

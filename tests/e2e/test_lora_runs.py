@@ -8,8 +8,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import run_training
-from test_dpo import DPO_GIN, dpo_bindings
-from test_sft_runs import SFT_BINDINGS, sft_runs
+from reference_runs import DPO_GIN, SFT_BINDINGS, dpo_bindings, sft_runs
 
 from kinoe_jax.inference.loading import load_for_inference
 from kinoe_jax.models.stored import read_model_config

@@ -29,8 +29,9 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, TEST_MODEL, run_training
-from test_resilience import wandb_alerts
+from conftest import TEST_MODEL, run_training
+from paths import REPO
+from wandb_log import wandb_alerts
 
 pytestmark = pytest.mark.slow
 
