@@ -274,7 +274,7 @@ class Engine:
     def _state_shardings(self):
         """The cache lies where XLA puts it; what the host reads comes back replicated."""
         rep = self._replicated_sharding()
-        return {"cache": None, "token": rep, "pos": rep, "out": rep, "done": rep, "n": rep}
+        return {"cache": None, "token": rep, "pos": rep, "start": rep, "index": rep, "out": rep, "done": rep, "n": rep}
 
 
 def _cut_at_stop(ids: np.ndarray, stop_ids) -> np.ndarray:

@@ -37,14 +37,15 @@ def filter_logits(logits, temperature, top_k, top_p):
 
 
 def pick(logits, keys, temperature, top_k, top_p):
-    """logits [b, vocab] fp32, keys [b, 2] (one stream per row) -> token ids [b] int32."""
+    """logits [b, vocab] fp32, keys () -> [b, 2] (one stream per row, derived only when sampling:
+    greedy decoding skips the per-row key derivation) -> token ids [b] int32."""
 
     def greedy():
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample():
         filtered = filter_logits(logits, temperature, top_k, top_p)
-        return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, filtered).astype(jnp.int32)
+        return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys(), filtered).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sample, greedy)
 
