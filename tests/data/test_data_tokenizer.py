@@ -1,7 +1,6 @@
 """tools/train_tokenizer.py: samples JSONL or any seqio task/mixture, reports held-out quality,
 and documents its options from the one table in kinoe_jax/data/tokenizer_options.py."""
 
-import importlib.util
 import json
 import os
 
@@ -9,14 +8,9 @@ import pytest
 import sentencepiece as spm
 
 from paths import REPO
+from tools import train_tokenizer
+
 from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER, CHAT_SYMBOLS, EOS_ID, PAD_ID, UNK_ID
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("train_tokenizer", os.path.join(REPO, "tools", "train_tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _check_model(path):
@@ -27,7 +21,7 @@ def _check_model(path):
 
 
 def test_docs_table_is_generated_from_the_options():
-    tool = _tool()
+    tool = train_tokenizer
     with open(os.path.join(REPO, "docs", "tokenizer.md"), encoding="utf-8") as f:
         doc = f.read()
     table = doc.split(tool.TABLE_START, 1)[1].split(tool.TABLE_END, 1)[0]
@@ -36,7 +30,7 @@ def test_docs_table_is_generated_from_the_options():
 
 
 def test_train_on_a_seqio_mixture_and_evaluate_held_out(tmp_path, capsys):
-    tool = _tool()
+    tool = train_tokenizer
     out = tmp_path / "tok"
     before = os.path.getmtime(BUILTIN_TOKENIZER)
     report = tool.main(["--gin_file=gin_configs/data/builtin_sft_decay.gin", "--task=kinoe_ja_builtin_decay",
@@ -54,7 +48,7 @@ def test_train_on_a_seqio_mixture_and_evaluate_held_out(tmp_path, capsys):
 
 
 def test_jsonl_sample_is_uniform_and_bounded(tmp_path):
-    tool = _tool()
+    tool = train_tokenizer
     kept = tool.sample(iter(range(10_000)), 500, seed=1)
     assert len(kept) == 500 and len(set(kept)) == 500
     assert 3500 < sum(kept) / 500 < 6500  # spread over the whole stream, not its head
@@ -63,11 +57,11 @@ def test_jsonl_sample_is_uniform_and_bounded(tmp_path):
 
 def test_task_needs_a_sample_size(tmp_path):
     with pytest.raises(SystemExit):
-        _tool().main(["--task=kinoe_ja_builtin", f"--output={tmp_path / 'x'}"])
+        train_tokenizer.main(["--task=kinoe_ja_builtin", f"--output={tmp_path / 'x'}"])
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "よい行"}, ensure_ascii=False) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=rf"{path}:2"):
-        _tool().main([f"--input={path}", f"--output={tmp_path / 'x'}"])
+        train_tokenizer.main([f"--input={path}", f"--output={tmp_path / 'x'}"])

@@ -1,19 +1,13 @@
 """The launchers beyond one slice or node: what --dry_run prints for 2 TPU slices and 2 GPU nodes."""
 
-import importlib.util
 import os
 import shlex
 import subprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paths import REPO
+from tools.launch import tpu_pod
+
 TRAIN = ["--gin_file=gin_configs/runs/tiny_ja.gin", "--workdir=/mnt/runs/ja"]
-
-
-def _tpu_pod():
-    spec = importlib.util.spec_from_file_location("tpu_pod", os.path.join(REPO, "tools", "launch", "tpu_pod.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _remote(cmd: list) -> list:
@@ -21,7 +15,6 @@ def _remote(cmd: list) -> list:
 
 
 def test_two_tpu_slices_start_together_with_the_multi_slice_environment(capsys):
-    tpu_pod = _tpu_pod()
     assert tpu_pod.main(["--dry_run", "--tpu=kinoe-a,kinoe-b", "--zone=z", "--code=skip", "--setup=skip", "--",
                          *TRAIN]) == 0
     lines = capsys.readouterr().out.splitlines()

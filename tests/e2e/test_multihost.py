@@ -21,6 +21,7 @@ import pytest
 
 from paths import REPO, TESTS
 from ports import free_port
+from tools.launch import tpu_pod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXED_TASK = "kinoe_fixed_len"
@@ -336,13 +337,9 @@ def test_slurm_script_dry_run(tmp_path):
 
 
 def test_tpu_pod_launcher_dry_run(tmp_path, capsys):
-    import importlib.util
     import shlex
     import tarfile
 
-    spec = importlib.util.spec_from_file_location("tpu_pod", os.path.join(REPO, "tools", "launch", "tpu_pod.py"))
-    tpu_pod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tpu_pod)
     train_args = ["--gin_file=gin_configs/runs/tiny_ja.gin", "--workdir=/mnt/runs/ja",
                   "--gin_bindings=train.total_steps = 10"]
     assert tpu_pod.main(["--dry_run", "--tpu=kinoe-v5p-64", "--zone=us-east5-a", "--project=p", "--", *train_args]) == 0

@@ -1,7 +1,6 @@
 """The converters end to end: a trained model exported and decoded by transformers, training
 resumed from an import, and every kind of bad input refused with nothing left behind."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_training
-from paths import REPO
+from tools import convert_from_hf as from_hf_tool, convert_to_hf as to_hf_tool
+
 from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER
 from kinoe_jax.hf import ConversionError, convert_from_hf, convert_to_hf
 from kinoe_jax.hf.synthetic import write_random_checkpoint
@@ -18,13 +18,6 @@ from kinoe_jax.models import ModelConfig
 
 TINY = ModelConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                    max_seq_len=64)
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _nothing_left(out):
@@ -80,8 +73,8 @@ def test_trained_model_decodes_the_same_in_transformers(trained, tmp_path):
     work, rows = trained
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     out = tmp_path / "hf"
-    assert _tool("convert_to_hf").main([f"--checkpoint_dir={work}/checkpoints", f"--output_dir={out}",
-                                        "--verify", "--no_progress"]) == 0
+    assert to_hf_tool.main([f"--checkpoint_dir={work}/checkpoints", f"--output_dir={out}",
+                            "--verify", "--no_progress"]) == 0
     assert sorted(os.listdir(out)) == sorted([
         "config.json", "generation_config.json", "model-00001-of-00001.safetensors",
         "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -126,7 +119,7 @@ def test_import_is_what_train_py_restores(ckpt, tmp_path):
     hf = tmp_path / "hf"
     convert_to_hf(str(ckpt / "checkpoints"), str(hf), progress=False)
     imported = tmp_path / "imported"
-    assert _tool("convert_from_hf").main([f"--hf_dir={hf}", f"--output_dir={imported}", "--no_progress"]) == 0
+    assert from_hf_tool.main([f"--hf_dir={hf}", f"--output_dir={imported}", "--no_progress"]) == 0
     gin_text = (imported / "model_config.gin").read_text()
     assert "ModelConfig.num_layers = 2" in gin_text and 'tokenizer_path.path = "' in gin_text
     assert (imported / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
@@ -229,8 +222,8 @@ def test_refuses_partial_rotary_before_writing(tmp_path):
     write_random_checkpoint(str(work / "checkpoints"), cfg)
     shutil.copyfile(BUILTIN_TOKENIZER, work / "tokenizer.model")
     out = tmp_path / "out"
-    code = _tool("convert_to_hf").main([f"--checkpoint_dir={work}/checkpoints", f"--output_dir={out}",
-                                        "--no_progress"])
+    code = to_hf_tool.main([f"--checkpoint_dir={work}/checkpoints", f"--output_dir={out}",
+                            "--no_progress"])
     assert code == 1
     _nothing_left(out)
     with pytest.raises(ConversionError, match="rotary is applied to 2 of 8 dims"):
@@ -265,8 +258,8 @@ def test_failed_verification_prints_numbers_and_writes_nothing(ckpt, tmp_path, m
     monkeypatch.setattr(verify, "ATOL", -1.0)  # no logits can pass: the failure path itself is tested
     monkeypatch.setattr(verify, "RTOL", 0.0)
     out = tmp_path / "out"
-    code = _tool("convert_to_hf").main([f"--checkpoint_dir={ckpt}/checkpoints", f"--output_dir={out}", "--verify",
-                                        "--no_progress"])
+    code = to_hf_tool.main([f"--checkpoint_dir={ckpt}/checkpoints", f"--output_dir={out}", "--verify",
+                            "--no_progress"])
     assert code == 1
     err = capsys.readouterr().err
     assert "verify FAILED" in err and "max_abs_diff" in err
@@ -286,7 +279,7 @@ def test_unsupported_architecture(hf_dir, tmp_path):
     (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "qwen2",
                                                     "architectures": ["Qwen2ForCausalLM"]}))
     out = tmp_path / "kinoe"
-    code = _tool("convert_from_hf").main([f"--hf_dir={hf_dir}", f"--output_dir={out}", "--no_progress"])
+    code = from_hf_tool.main([f"--hf_dir={hf_dir}", f"--output_dir={out}", "--no_progress"])
     assert code == 1
     with pytest.raises(ConversionError, match="model_type 'qwen2'.*not supported"):
         convert_from_hf(str(hf_dir), str(out), progress=False)

@@ -2,7 +2,6 @@
 exported base; all three compute what kinoe computes, and bad requests are refused in one line."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -12,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paths import REPO
+from tools import convert_to_hf as to_hf_tool
+
 from kinoe_jax.data.vocab import BUILTIN_TOKENIZER
 from kinoe_jax.hf import convert_to_hf
 from kinoe_jax.hf.mapping import param_shapes
@@ -25,13 +25,6 @@ BASE = ModelConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_la
                    max_seq_len=64)
 LORA = dataclasses.replace(BASE, lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1))
 PROMPT = "むかしむかし、あるところに"
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _random_params(cfg, seed=0):
@@ -90,7 +83,7 @@ def test_adapter_loads_in_peft_and_matches_kinoe_and_the_merged_model(runs, tmp_
 
     root, params, lora_ckpt, base_hf = runs
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
-    tool = _tool("convert_to_hf")
+    tool = to_hf_tool
     assert tool.main([f"--checkpoint_dir={lora_ckpt}", f"--output_dir={merged}", "--verify", "--no_progress"]) == 0
     assert tool.main([f"--checkpoint_dir={lora_ckpt}", f"--output_dir={adapter}", "--lora=adapter",
                       f"--base_model={base_hf}", "--verify", "--no_progress"]) == 0
@@ -154,7 +147,7 @@ def test_base_export_is_the_base_runs_export(runs, tmp_path):
 
 
 def _refused(argv, out, capsys, message):
-    assert _tool("convert_to_hf").main(argv + [f"--output_dir={out}", "--no_progress"]) == 1
+    assert to_hf_tool.main(argv + [f"--output_dir={out}", "--no_progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists() and not [p for p in os.listdir(out.parent) if p.startswith(f".{out.name}.")]

@@ -67,15 +67,8 @@ def test_training_step_compiles_with_cudnn_for_8_h100s():
 
 
 def test_accelerator_benchmark_refuses_a_cpu():
-    import importlib.util
-    import os
+    from tools.bench import bench_accelerator as bench
 
-    from paths import REPO
-
-    path = os.path.join(REPO, "tools", "bench", "bench_accelerator.py")
-    spec = importlib.util.spec_from_file_location("bench_accelerator", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     with pytest.raises(SystemExit, match="measures a GPU or TPU, and JAX sees only 'cpu' devices"):
         bench.main(["--steps=1"])
     names = list(bench.variants("gpu", ModelConfig(hidden_size=2048, intermediate_size=5632, num_heads=16)))

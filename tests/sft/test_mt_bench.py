@@ -1,7 +1,6 @@
 """MT-Bench answers: FastChat's question and model_answer formats, both turns in one conversation,
 from a kinoe checkpoint and from its HF export (which must answer the same)."""
 
-import importlib.util
 import json
 import os
 
@@ -9,18 +8,12 @@ import pytest
 
 from paths import REPO
 from reference_runs import sft_runs
+from tools import mt_bench_answers
 
 from kinoe_jax.sft import mt_bench
 
 QUESTIONS = os.path.join(REPO, "kinoe_jax", "data", "builtin", "sft", "mt_bench_ja_questions.jsonl")
 ANSWER_KEYS = {"question_id", "answer_id", "model_id", "choices", "tstamp"}
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("mt_bench_answers", os.path.join(REPO, "tools", "mt_bench_answers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _jsonl(path):
@@ -72,7 +65,7 @@ def test_answers_from_a_checkpoint_and_from_its_hf_export(tmp_path):
     qfile = tmp_path / "questions.jsonl"
     qfile.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in picked), encoding="utf-8")
     bench = tmp_path / "kinoe_ja_mt_bench"
-    assert _tool().main([f"--workdir={sft}", "--model_id=kinoe-test", f"--bench_dir={bench}",
+    assert mt_bench_answers.main([f"--workdir={sft}", "--model_id=kinoe-test", f"--bench_dir={bench}",
                          f"--question_file={qfile}", "--max_new_tokens=6"]) == 0
     assert _jsonl(bench / "question.jsonl") == picked
     answers = _jsonl(bench / "model_answer" / "kinoe-test.jsonl")

@@ -2,25 +2,18 @@
 examples and near duplicates inside or across sets fail with file:line."""
 
 import copy
-import importlib.util
 import json
 import os
 
 import pytest
 
 from paths import REPO
+from tools import validate_sft
 
 from kinoe_jax.sft import mora
 
 pytest.importorskip("fugashi")
 SFT_DIR = os.path.join(REPO, "kinoe_jax", "data", "builtin", "sft")
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("validate_sft", os.path.join(REPO, "tools", "validate_sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rows(name):
@@ -52,7 +45,7 @@ def test_reading_overrides_fix_misread_words():
 
 def test_the_shipped_sets_pass(tmp_path, capsys):
     report = tmp_path / "report.json"
-    assert _tool().main([f"--json={report}"]) == 0
+    assert validate_sft.main([f"--json={report}"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith("OK")
     data = json.loads(report.read_text(encoding="utf-8"))
@@ -97,7 +90,7 @@ def test_bad_items_fail_with_file_and_line(tmp_path, capsys):
     q[1]["turns"] = q[1]["turns"][:1]
     q_path = _write(tmp_path / "questions.jsonl", q)
 
-    assert _tool().main([s_path, l_path, c_path, q_path, "--seq_len=1024"]) == 1
+    assert validate_sft.main([s_path, l_path, c_path, q_path, "--seq_len=1024"]) == 1
     out = capsys.readouterr().out
     for line, reason in [(2, "not_575"), (3, "jiamari_flag"), (4, "senryu_mismatch"), (5, "jitarazu"),
                          (6, "duplicate_id"), (7, "no_assistant_turn")]:
@@ -108,6 +101,6 @@ def test_bad_items_fail_with_file_and_line(tmp_path, capsys):
     assert out.rstrip().endswith("FAILED")
 
     # Conversations longer than --seq_len are errors (training would skip them).
-    assert _tool().main([l_path, "--seq_len=64"]) == 1
+    assert validate_sft.main([l_path, "--seq_len=64"]) == 1
     out = capsys.readouterr().out
     assert f"ERROR {l_path}:1: prompt_too_long" in out or f"ERROR {l_path}:1: too_long" in out
