@@ -22,6 +22,7 @@ import numpy as np
 from kinoe_jax.eval import dumps as dumps_lib
 from kinoe_jax.eval import metrics as metrics_lib
 from kinoe_jax.eval.generation import choice_accuracy, generate_dataset
+from kinoe_jax.inference import Engine
 
 log = logging.getLogger(__name__)
 PREFIX = "downstream"
@@ -33,8 +34,6 @@ def downstream_eval(model_cfg, params, mesh=None, datasets=("builtin",), max_sam
                     vocab=None) -> dict[str, float]:
     """datasets: built-in names, globs of *.eval-prompt.json, or "builtin" for the whole built-in
     set. chat_template: wrap prompts in the chat template (for SFT/DPO models)."""
-    from kinoe_jax.inference import Engine
-
     t0 = time.perf_counter()
     names = [d for d in datasets if d != "builtin"] + (dumps_lib.builtin_names() if "builtin" in datasets else [])
     engine = Engine(model_cfg, params, mesh, vocab=vocab, batch_size=batch_size)

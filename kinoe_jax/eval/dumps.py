@@ -18,6 +18,7 @@ import json
 import os
 
 from kinoe_jax.eval import metrics as metrics_lib
+from kinoe_jax.utils import atomic
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "builtin", "eval")
 BUILTIN = os.path.join(BUILTIN_DIR, "*.eval-prompt.json")
@@ -136,11 +137,7 @@ def generated(dump: dict, texts: list[str]) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 
 
 def load_generated(run_dir: str) -> list[tuple[str, dict]]:

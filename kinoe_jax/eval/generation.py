@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kinoe_jax.data.chat.conversation import prompt_ids as chat_prompt_ids
 from kinoe_jax.data.vocab import BOS_ID
 from kinoe_jax.eval.dumps import max_new_tokens
 
@@ -14,8 +15,6 @@ def prompt_ids(sample: dict, vocab, chat_template: bool) -> list[int]:
     """BOS + the prompt; with the chat template: system (if any) + user, then the assistant header."""
     if not chat_template:
         return [BOS_ID] + list(vocab.encode(sample["prompt"]))
-    from kinoe_jax.data.chat.conversation import prompt_ids as chat_prompt_ids
-
     messages = [{"role": "system", "content": sample["system_prompt"]}] if sample.get("system_prompt") else []
     return chat_prompt_ids(messages + [{"role": "user", "content": sample["prompt"]}], vocab)
 

@@ -46,27 +46,27 @@ from kinoe_jax.hardware import runtime  # noqa: E402
 
 runtime.setup()  # the platform settled and accelerators hidden from TensorFlow, before JAX starts
 
+import jax  # noqa: E402
+
+from kinoe_jax import __version__  # noqa: E402
 from kinoe_jax.eval import dumps as dumps_lib  # noqa: E402
+from kinoe_jax.eval.generation import generate_dataset  # noqa: E402
+from kinoe_jax.eval.scoring import log_to_wandb, score_results  # noqa: E402
+from kinoe_jax.inference import Engine, PromptTooLong, load_for_inference, use_workdir_tokenizer  # noqa: E402
+from kinoe_jax.inference.loading import checkpoint_location  # noqa: E402
+from kinoe_jax.models.stored import read_model_config  # noqa: E402
+from kinoe_jax.parallel.mesh import make_mesh  # noqa: E402
+from kinoe_jax.utils.atomic import atomic_directory  # noqa: E402
 
 log = logging.getLogger("kinoe_jax.eval.llm_jp_eval")
 
 
 def run_inference(args, dumps: list[tuple[str, dict]]) -> str:
     """Generate for every dump; returns the run directory, written atomically."""
-    import jax
-
-    from kinoe_jax import __version__
-    from kinoe_jax.eval.generation import generate_dataset
-    from kinoe_jax.utils.atomic import atomic_directory
-    from kinoe_jax.inference import Engine, PromptTooLong, load_for_inference, use_workdir_tokenizer
-    from kinoe_jax.inference.loading import checkpoint_location
-
     t0 = time.perf_counter()
     tokenizer = use_workdir_tokenizer(args.workdir)
     mesh = None
     if args.fsdp > 1:
-        from kinoe_jax.parallel.mesh import make_mesh
-
         mesh = make_mesh(data=1, fsdp=args.fsdp, devices=jax.local_devices()[:args.fsdp])
     cfg, params = load_for_inference(args.workdir, args.step, mesh=mesh)
     engine = Engine(cfg, params, mesh, batch_size=args.batch_size, overflow=args.overflow)
@@ -137,8 +137,6 @@ def _total(profiles: dict) -> dict:
 
 
 def _step_of(checkpoint_dir: str, step):
-    from kinoe_jax.models.stored import read_model_config
-
     return read_model_config(checkpoint_dir, step)[0]
 
 
@@ -151,8 +149,6 @@ def _jsonable(obj):
 
 
 def score(run_dir: str, run_name: str, wandb_project: str | None) -> dict:
-    from kinoe_jax.eval.scoring import log_to_wandb, score_results
-
     scores, rows = score_results(dumps_lib.load_generated(run_dir))
     dumps_lib.write_json(os.path.join(run_dir, "scores.json"), scores)
     if wandb_project:

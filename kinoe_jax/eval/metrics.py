@@ -15,6 +15,8 @@ import math
 import unicodedata
 
 import numpy as np
+from rapidfuzz import fuzz
+from sacrebleu.metrics import BLEU
 
 QUOTES = "\"'"
 
@@ -39,8 +41,6 @@ def exact_match_figure(pred: str, gold: str) -> float:
 
 
 def char_f1(pred: str, gold: str) -> float:
-    from rapidfuzz import fuzz
-
     return fuzz.token_sort_ratio(pred, gold) / 100.0
 
 
@@ -57,8 +57,6 @@ def set_f1(pred: str, gold: str) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _bleu(lang: str):
-    from sacrebleu.metrics import BLEU
-
     # trg_lang="ja" tokenizes with MeCab (sacrebleu[ja]: mecab-python3 + ipadic).
     return BLEU(effective_order=True, trg_lang=lang)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
+import wandb
 
 from kinoe_jax.eval import metrics as metrics_lib
 
@@ -42,11 +46,6 @@ def log_to_wandb(run_dir: str, run_name: str, scores: dict, rows: list[dict], pr
                  mode: str | None = None) -> str | None:
     """A W&B run (offline unless WANDB_MODE or `mode` says otherwise) holding the scores and a
     table of samples: prompt, gold, generated and score. Returns the run's directory."""
-    import json
-    import os
-
-    import wandb
-
     mode = mode or os.environ.get("WANDB_MODE", "offline")
     if mode == "disabled":
         return None
