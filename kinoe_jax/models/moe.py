@@ -125,7 +125,7 @@ def _dropless(cfg: ModelConfig, xg, gate_w, experts, valid, weights):
     xr = jax.vmap(K.dispatch)(xg, plan.row_token)  # [G, rows, E], sorted by expert
     weights = _gathered(weights)
     if impl in ("ragged", "gmm"):
-        yr = _grouped_per_device(impl, xr, plan.counts, weights)
+        yr = _grouped_per_device(impl, xr, plan.counts, weights, cfg.matmul_dtype)
     else:
         nb = rows // block
         xb = xr.reshape(groups, nb, block, e).transpose(1, 0, 2, 3)
@@ -134,7 +134,7 @@ def _dropless(cfg: ModelConfig, xg, gate_w, experts, valid, weights):
     return jax.vmap(K.combine)(yr, gate_w, plan.slot_row)
 
 
-def _grouped_per_device(impl: str, xr, counts, weights):
+def _grouped_per_device(impl: str, xr, counts, weights, matmul_dtype: str = "default"):
     """The grouped-matmul kernels take one 2-D block of rows: run them per device under
     shard_map, each device on its own token groups (the batch shards) with the gathered expert
     weights. (The TPU compiler rejects a ragged dot with a batch dimension, which vmap over the
@@ -144,7 +144,7 @@ def _grouped_per_device(impl: str, xr, counts, weights):
         interpret = mesh_platform() != "tpu"
         ffn = lambda x, sizes, wg, wu, wo: K.gmm_ffn(x, sizes, wg, wu, wo, interpret)  # noqa: E731
     else:
-        ffn = K.ragged_ffn
+        ffn = lambda x, sizes, wg, wu, wo: K.ragged_ffn(x, sizes, wg, wu, wo, matmul_dtype)  # noqa: E731
 
     def run(x, sizes, wg, wu, wo):
         return jax.lax.map(lambda a: ffn(a[0], a[1], wg, wu, wo), (x, sizes))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from kinoe_jax.hardware.runtime import mesh_platform
+from kinoe_jax.models import quant
 
 
 # The dropless implementation chosen for each platform from measured or compiled figures
@@ -258,13 +259,15 @@ def _block_ffn_bwd(constrain, res, dy):
 block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
 
 
-def ragged_ffn(rows, group_sizes, wi_gate, wi_up, wo):
+def ragged_ffn(rows, group_sizes, wi_gate, wi_up, wo, matmul_dtype: str = "default"):
     """rows [R, E] of ONE group sorted by expert, group_sizes [X]; rows past the groups come out
-    zero."""
+    zero. matmul_dtype fp8 / int8 quantizes the three products (kinoe_jax/models/quant.py)."""
     dt = rows.dtype
-    h = (jax.nn.silu(jax.lax.ragged_dot(rows, wi_gate.astype(dt), group_sizes))
-         * jax.lax.ragged_dot(rows, wi_up.astype(dt), group_sizes))
-    return jax.lax.ragged_dot(h, wo.astype(dt), group_sizes)
+
+    def mm(x, w):
+        return quant.ragged_dot(x, w.astype(dt), group_sizes, matmul_dtype)
+
+    return mm(jax.nn.silu(mm(rows, wi_gate)) * mm(rows, wi_up), wo)
 
 
 GMM_TILING = (512, 1024, 1024)  # rows, contraction, output tile of the megablox kernel

@@ -92,3 +92,24 @@ def test_the_chip_compiler_gets_low_precision_gemms(target, mode, forward, backw
     low = [p for p in products if p <= backward]
     # The seven projections' forward and gradient products (XLA merges some: q/k/v, gate/up).
     assert len(low) >= 9 and forward in low and backward in low, products
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_ragged_experts_in_low_precision_track_the_default(mode):
+    from kinoe_jax.models import moe_kernels as K
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    rows = jax.random.normal(keys[0], (24, 32), jnp.bfloat16)
+    wg, wu = (jax.random.normal(k, (3, 32, 48), jnp.float32) * 0.2 for k in keys[1:3])
+    wo = jax.random.normal(keys[3], (3, 48, 32), jnp.float32) * 0.2
+    sizes = jnp.array([10, 6, 8], jnp.int32)
+
+    def loss(m):
+        return lambda r, g, u, o: jnp.sum(K.ragged_ffn(r, sizes, g, u, o, m).astype(jnp.float32) ** 2)
+
+    ref = jax.value_and_grad(loss("default"), argnums=(0, 1, 2, 3))(rows, wg, wu, wo)
+    got = jax.value_and_grad(loss(mode), argnums=(0, 1, 2, 3))(rows, wg, wu, wo)
+    assert abs(float(got[0]) - float(ref[0])) < 0.05 * float(ref[0])
+    for g, r in zip(got[1], ref[1]):
+        g, r = g.astype(jnp.float32), r.astype(jnp.float32)
+        assert float(jnp.vdot(g, r) / (jnp.linalg.norm(g) * jnp.linalg.norm(r))) > 0.97
