@@ -11,17 +11,17 @@ import argparse
 import sys
 
 from kinoe_jax.config import inputs as cli
+from kinoe_jax.hardware import runtime
 
 INPUTS = {"--workdir": cli.directory, "--checkpoint": cli.directory, "--prompt": cli.text_arg, "--system": cli.text_arg}
 
 
 def main(argv=None):
     cli.precheck(INPUTS, argv)  # a bad path or prompt is named before TensorFlow and JAX load
-    from kinoe_jax.hardware import runtime
-
     runtime.setup()
-    from kinoe_jax.inference.loading import load_for_inference, use_workdir_tokenizer
-    from kinoe_jax.inference.texts import generate_chats, generate_texts
+    # These load JAX and TensorFlow, which must wait for setup().
+    from kinoe_jax.inference.loading import load_for_inference, use_workdir_tokenizer  # noqa: PLC0415
+    from kinoe_jax.inference.texts import generate_chats, generate_texts  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)

@@ -12,20 +12,20 @@ import os
 import sys
 
 from kinoe_jax.config import inputs as cli
+from kinoe_jax.hardware import runtime
+from kinoe_jax.utils import console
+from kinoe_jax.utils.errors import ConfigError
 
 INPUTS = {"--gin_file": cli.gin_file}
 
 
 def main(argv=None) -> None:
     cli.precheck(INPUTS, argv)  # a bad --gin_file is named before TensorFlow and JAX load
-    from kinoe_jax.hardware import runtime
-
     runtime.setup()
-    from kinoe_jax.config.gin_io import load_gin
-    from kinoe_jax.parallel import multihost
-    from kinoe_jax.training import loop  # registers every gin configurable of a run
-    from kinoe_jax.utils import console
-    from kinoe_jax.utils.errors import ConfigError
+    # These load JAX and TensorFlow, which must wait for setup().
+    from kinoe_jax.config.gin_io import load_gin  # noqa: PLC0415
+    from kinoe_jax.parallel import multihost  # noqa: PLC0415
+    from kinoe_jax.training import loop  # noqa: PLC0415 (also registers every gin configurable of a run)
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -99,11 +99,12 @@ def setup(tensorflow: bool = True) -> set[str]:
             os.environ.setdefault(key, value)
     if "jax" not in sys.modules:
         with without_cuda_noise():
-            import jax  # noqa: F401
+            # Here and not above: the settings just made must be in place before JAX loads.
+            import jax  # noqa: F401, PLC0415
 
             # Plugin discovery loads the CUDA libraries once more; backends are not started
             # here (jax.distributed.initialize must still come first on a multi-host run).
-            from jax._src import xla_bridge
+            from jax._src import xla_bridge  # noqa: PLC0415
 
             register = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)
             if register is not None:
@@ -116,7 +117,7 @@ def setup(tensorflow: bool = True) -> set[str]:
 def hide_accelerators_from_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with without_cuda_noise(TF_IMPORT_NOISE):
-        import tensorflow as tf
+        import tensorflow as tf  # noqa: PLC0415 (loaded only when asked, after the platform is settled)
 
         try:
             tf.config.set_visible_devices([], "GPU")
@@ -128,7 +129,7 @@ def hide_accelerators_from_tensorflow() -> None:
 def mesh_platform() -> str:
     """'tpu', 'gpu' or 'cpu': the devices of the mesh being traced for (a compile-only TPU slice
     on a CPU host says 'tpu'), else JAX's default backend. Kernels are chosen by this."""
-    import jax
+    import jax  # noqa: PLC0415 (this module is imported before setup(), so before JAX)
 
     mesh = jax.sharding.get_abstract_mesh()
     device = getattr(mesh, "abstract_device", None) if mesh is not None and not mesh.empty else None

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from tqdm import tqdm
+
 CONSOLE = logging.getLogger("kinoe_jax.utils.console")
 _ALWAYS = ("kinoe_jax.utils.console", "kinoe_jax.training.resilience.alerts")
 
@@ -45,8 +47,6 @@ class _AroundProgressBar(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
@@ -71,7 +71,7 @@ def setup(verbose: bool = False) -> None:
     root.addHandler(handler)
     # absl routes Orbax's messages through its own handler when absl.logging was initialised.
     try:
-        from absl import logging as absl_logging
+        from absl import logging as absl_logging  # noqa: PLC0415 (optional: comes with JAX, not declared here)
 
         absl_logging.get_absl_handler().setLevel(logging.DEBUG if verbose else logging.ERROR)
     except Exception:  # noqa: BLE001 - absl is optional here
