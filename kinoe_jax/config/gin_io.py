@@ -8,6 +8,7 @@ import gin
 import jax
 
 from kinoe_jax.config.paths import REPO_ROOT
+from kinoe_jax.utils import atomic
 from kinoe_jax.utils.errors import ConfigError
 
 
@@ -28,8 +29,4 @@ def load_gin(files: list[str], bindings: list[str] | tuple = ()) -> None:
 def write_operative_config(workdir: str) -> None:
     if jax.process_index():
         return
-    path = os.path.join(workdir, "config.gin")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(gin.operative_config_str())
-    os.replace(tmp, path)
+    atomic.write_text(os.path.join(workdir, "config.gin"), gin.operative_config_str())

@@ -6,13 +6,18 @@ import json
 import logging
 import os
 import time
+import uuid
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import wandb
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from kinoe_jax.hardware.chips import CHIPS, chip_for_device_kind
+from kinoe_jax.utils import atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +61,12 @@ class MetricsWriter:
         if not self.active:
             return
         if use_wandb:
-            import wandb
-
             # Offline unless the user asks otherwise: no account or network needed.
             mode = wandb_mode or os.environ.get("WANDB_MODE", "offline")
             self.wandb_run = wandb.init(project=wandb_project, name=run_name or os.path.basename(workdir),
                                         dir=workdir, mode=mode, config={"gin": config_str}, resume="allow",
                                         id=_run_id(workdir))
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
     def write(self, step: int, metrics: dict) -> None:
@@ -112,11 +113,8 @@ def _run_id(workdir: str) -> str:
     path = os.path.join(workdir, "wandb_run_id")
     if os.path.exists(path):
         return open(path).read().strip()
-    import uuid
-
     run_id = uuid.uuid4().hex[:12]
-    with open(path, "w") as f:
-        f.write(run_id)
+    atomic.write_text(path, run_id)
     return run_id
 
 
@@ -144,12 +142,9 @@ def plot_loss(workdir: str) -> str | None:
     if not train:
         return None
     downstream = sorted({k for r in rows for k in r if k.startswith("downstream/")})
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if downstream else 1, figsize=(14 if downstream else 7, 4), squeeze=False)
+    # A bare Figure draws without pyplot, so no global backend is chosen for the process.
+    fig = Figure(figsize=(14 if downstream else 7, 4))
+    axes = fig.subplots(1, 2 if downstream else 1, squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -172,8 +167,6 @@ def plot_loss(workdir: str) -> str | None:
         right.grid(alpha=0.3)
         right.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out = os.path.join(workdir, "loss.png")
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    with atomic.atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     return out

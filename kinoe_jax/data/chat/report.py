@@ -8,6 +8,8 @@ import glob
 import gzip
 from typing import Callable, Iterable, Iterator
 
+from tqdm import tqdm
+
 from kinoe_jax.data.chat.conversation import REASONS, BadExample
 
 
@@ -94,8 +96,6 @@ def scan(patterns, handle: Callable[[str], object], report: Report | None = None
     out: list[tuple[str, int, object]] = []
     files = expand(patterns)
     if progress:
-        from tqdm import tqdm
-
         files = tqdm(files, desc="checking data", unit="file", leave=False)
     for path in files:
         report.files.append(path)

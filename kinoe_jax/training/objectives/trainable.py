@@ -11,6 +11,8 @@ from typing import Callable
 
 from flax import traverse_util
 
+from kinoe_jax.models import lora
+
 Predicate = Callable[[tuple[str, ...]], bool]
 
 
@@ -22,8 +24,6 @@ def for_model(cfg) -> Predicate:
     """Adapters only when the model carries LoRA, otherwise every parameter."""
     if getattr(cfg, "lora", None) is None:
         return everything
-    from kinoe_jax.models import lora  # noqa: PLC0415 (only LoRA runs need it)
-
     return lora.is_adapter
 
 
