@@ -48,10 +48,3 @@ def pick(logits, keys, temperature, top_k, top_p):
         return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys(), filtered).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sample, greedy)
-
-
-def row_keys(seed: int, rows) -> jax.Array:
-    """One key per prompt, from its index in the request: a prompt samples the same tokens
-    whichever batch it lands in."""
-    base = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(rows, jnp.uint32))

@@ -14,7 +14,7 @@ import math
 from typing import Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -105,6 +105,3 @@ def flax_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
         out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
     return tuple(out)
 
-
-def named(mesh: Mesh, spec: P) -> NamedSharding:
-    return NamedSharding(mesh, spec)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kinoe_jax.parallel.rules import LOGICAL_AXIS_RULES, add_axis, logical_to_mesh
@@ -59,13 +58,3 @@ def bytes_per_device(tree) -> dict:
             out[shard.device] = out.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
     return out
 
-
-def unsharded_fraction(tree, specs) -> float:
-    """Fraction of bytes in arrays that are fully replicated (MaxText warns when this is high)."""
-    total = replicated = 0
-    for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))):
-        n = leaf.size * jnp.dtype(leaf.dtype).itemsize
-        total += n
-        if not any(p is not None for p in spec):
-            replicated += n
-    return replicated / max(total, 1)
