@@ -18,6 +18,7 @@ from kinoe_jax.models.attention.splash import block_sizes_for
 from kinoe_jax.parallel import sharding as shd
 from kinoe_jax.parallel.mesh import tier_of_axes
 from kinoe_jax.parallel.rules import flax_rules
+from kinoe_jax.hardware import chips
 from kinoe_jax.planning import hlo_stats, kernel_costs, network
 from kinoe_jax.training import optim
 from kinoe_jax.training.objectives import CausalLM, RunInfo
@@ -73,6 +74,11 @@ class FitReport:
     axis_tiers: dict | None = None
     exposed_comm_s: float | None = None
     estimated_step_s: float | None = None
+    # ModelConfig.matmul_dtype's products found in the program: mode -> per step and device,
+    # and the peaks the roofline priced them at (the chip's, kinoe_jax.hardware.chips)
+    low_precision_gemms: dict | None = None
+    low_precision_flops: dict | None = None
+    low_precision_peaks: dict | None = None
 
     @property
     def fits(self) -> bool | None:
@@ -233,7 +239,9 @@ def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int
     peak = peak_tflops * 1e12 if peak_tflops else None
     bandwidth = hbm_gbps * 1e9 if hbm_gbps else None
     granules = network.granule_of(mesh, devices_per_granule)
-    stats = hlo_stats.analyze(compiled.as_text(), mesh.size, peak, bandwidth, granules)
+    low_peaks = ({m: chips.low_precision_peak(chip, m) for m in chips.low_precision_modes(chip)}
+                 if chip is not None else None)
+    stats = hlo_stats.analyze(compiled.as_text(), mesh.size, peak, bandwidth, granules, low_peaks)
     kernels = kernel_costs.price(stats.custom_calls, stats.custom_call_operands, model_cfg)
     kernel_rows = [dict(name=k.name, calls=k.calls, flops=k.flops, bytes=k.bytes,
                         seconds=k.seconds(peak, bandwidth) if peak and bandwidth else None) for k in kernels]
@@ -266,7 +274,9 @@ def fit_report(model_cfg, mesh, seq_len: int, global_batch: int, grad_accum: int
         collectives_by_tier=net.collectives_by_tier if net else (
             {network.tier_names(chip)[t]: b for t, b in stats.tier_bytes.items()} if chip else None),
         comm_s_by_tier=net.comm_s_by_tier if net else None,
-        exposed_comm_s=net.exposed_comm_s if net else None, estimated_step_s=net.estimated_step_s if net else None)
+        exposed_comm_s=net.exposed_comm_s if net else None, estimated_step_s=net.estimated_step_s if net else None,
+        low_precision_gemms=stats.low_precision_gemms, low_precision_flops=stats.low_precision_flops,
+        low_precision_peaks=low_peaks)
 
 
 def _formula_flops(model_cfg, mesh, seq_len, global_batch, objective) -> float:
@@ -346,6 +356,10 @@ def format_report(r: FitReport, accelerator: str | None = None, train_tokens: fl
                      + " per device (priced from its operands: the compiler cannot see inside)")
     if r.unpriced_kernels:
         lines.append(f"not priced (custom calls): {', '.join(r.unpriced_kernels)}")
+    for mode, count in sorted((r.low_precision_gemms or {}).items()):
+        peak = (r.low_precision_peaks or {}).get(mode)
+        lines.append(f"{mode} matmuls: {count:,.0f} per step and device, {r.low_precision_flops[mode]:.3e} FLOPs"
+                     + (f", priced at {peak / 1e12:g} TFLOP/s" if peak else ", priced at the bf16 peak (chip unknown)"))
     if r.roofline_s:
         est = r.estimated_mfu()
         tps = r.tokens_per_sec()

@@ -50,6 +50,8 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "whil
          "copy-done", "send-done", "recv-done",
          "add-dependency", "domain", "iota"}
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul", "__cublas$lt$matmul$f8")
+# Operand types of the low-precision matmul modes (ModelConfig.matmul_dtype).
+LOW_PRECISION = {"f8e4m3fn": "fp8", "f8e5m2": "fp8", "s8": "int8"}
 
 
 @dataclasses.dataclass
@@ -68,6 +70,10 @@ class HloStats:
     tier_bytes: dict = dataclasses.field(default_factory=dict)
     tier_loop_bytes: dict = dataclasses.field(default_factory=dict)
     custom_calls_in_loops: dict = dataclasses.field(default_factory=dict)  # name -> executions inside loops
+    # matmul mode ("fp8" | "int8") -> products whose operands are all of that mode per step, and
+    # their FLOPs (priced at the mode's peak when analyze is given it)
+    low_precision_gemms: dict = dataclasses.field(default_factory=dict)
+    low_precision_flops: dict = dataclasses.field(default_factory=dict)
 
 
 def _dot_flops(ins: Instr, shapes: dict) -> float:
@@ -110,6 +116,14 @@ def _dot_flops(ins: Instr, shapes: dict) -> float:
         k = math.prod(lhs[0][1][int(d.strip().strip('"'))] for d in dims.group(1).split(",") if d.strip())
         return 2.0 * out_elems * k
     return 0.0
+
+
+def _low_precision(ins: Instr, shapes: dict) -> str | None:
+    """The mode of a matmul whose two operands are both fp8 or both int8, else None."""
+    if ins.opcode not in ("dot", "convolution", "ragged-dot") or len(ins.operands) < 2:
+        return None
+    kinds = {LOW_PRECISION.get((arrays(shapes.get(o, "")) or [("", [])])[0][0]) for o in ins.operands[:2]}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
 def _group_size(ins: Instr, num_devices: int) -> int:
@@ -198,7 +212,9 @@ def _megascale_bytes(kind: str, sent: float, received: float, slices: int) -> fl
 
 
 def analyze(hlo_text: str, num_devices: int, peak_flops: float | None = None,
-            hbm_bytes_per_s: float | None = None, granule_of=None) -> HloStats:
+            hbm_bytes_per_s: float | None = None, granule_of=None, low_precision_peaks: dict | None = None) -> HloStats:
+    """`low_precision_peaks` ({"fp8": FLOP/s, ...}) prices the low-precision products at their
+    own peak instead of `peak_flops`."""
     comps, entry = parse(hlo_text)
     stats = HloStats()
     if entry is None:
@@ -210,6 +226,14 @@ def analyze(hlo_text: str, num_devices: int, peak_flops: float | None = None,
     fused = {c for instrs in comps.values() for i in instrs if i.opcode == "fusion"
              for c in re.findall(r"calls=%?([\w.\-]+)", i.attrs)}
     fusion_flops = {c: sum(_dot_flops(i, shapes_of[c]) for i in comps[c]) for c in fused if c in comps}
+    fusion_low = {}  # fused computation -> {mode: [products, flops]}
+    for c in fused & comps.keys():
+        for i in comps[c]:
+            mode = _low_precision(i, shapes_of[c])
+            if mode:
+                row = fusion_low.setdefault(c, {}).setdefault(mode, [0, 0.0])
+                row[0], row[1] = row[0] + 1, row[1] + _dot_flops(i, shapes_of[c])
+    low_gemms, low_flops = defaultdict(float), defaultdict(float)
     coll_bytes, coll_count, calls, call_shapes = defaultdict(float), defaultdict(float), defaultdict(float), {}
     for comp, instrs in comps.items():
         m = mult.get(comp, 0.0)
@@ -236,12 +260,15 @@ def analyze(hlo_text: str, num_devices: int, peak_flops: float | None = None,
             if ins.opcode in _FREE:
                 continue
             flops = _dot_flops(ins, shapes)
+            mode = _low_precision(ins, shapes)
+            low = {mode: [1, flops]} if mode else {}
             out_bytes = nbytes(ins.shape)
             in_bytes = [nbytes(shapes.get(o, "")) for o in ins.operands]
             if ins.opcode == "fusion":
                 callee = re.search(r"calls=%?([\w.\-]+)", ins.attrs)
                 if callee and callee.group(1) in comps:
                     flops = fusion_flops.get(callee.group(1), 0.0)
+                    low = fusion_low.get(callee.group(1), {})
                     effective, write = _fusion_param_bytes(comps[callee.group(1)])
                     in_bytes = [effective.get(i, b) for i, b in enumerate(in_bytes)]
                     if write is not None:
@@ -261,8 +288,15 @@ def analyze(hlo_text: str, num_devices: int, peak_flops: float | None = None,
                 continue  # priced by the caller, who knows what the kernel computes
             stats.matmul_flops += m * flops
             stats.bytes_accessed += m * moved
+            compute_s = flops / peak_flops if peak_flops else 0.0
+            for mode, (count, lp_flops) in low.items():
+                low_gemms[mode] += m * count
+                low_flops[mode] += m * lp_flops
+                lp_peak = (low_precision_peaks or {}).get(mode)
+                if peak_flops and lp_peak:
+                    compute_s += lp_flops / lp_peak - lp_flops / peak_flops
             if peak_flops and hbm_bytes_per_s:
-                seconds = m * max(flops / peak_flops, moved / hbm_bytes_per_s)
+                seconds = m * max(compute_s, moved / hbm_bytes_per_s)
                 stats.roofline_s += seconds
                 stats.loop_roofline_s += seconds if comp in looped else 0.0
     slices = len(set(granule_of)) if granule_of else 2
@@ -273,6 +307,7 @@ def analyze(hlo_text: str, num_devices: int, peak_flops: float | None = None,
         tiers["outer"] += moved
         if in_loop:
             tiers_loop["outer"] += moved
+    stats.low_precision_gemms, stats.low_precision_flops = dict(low_gemms), dict(low_flops)
     stats.collective_bytes = dict(coll_bytes)
     stats.collective_count = dict(coll_count)
     stats.custom_calls = dict(calls)

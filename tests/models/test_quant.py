@@ -75,8 +75,10 @@ def test_where_offered_names_the_chips():
                                                           ("v5p-8", "int8", {"s8"}, {"s8"})])
 def test_the_chip_compiler_gets_low_precision_gemms(target, mode, forward, backward):
     """The training step compiled for the chip multiplies low-precision operands: the forward
-    products (fp8: e4m3 x e4m3) and the gradient products (fp8: e5m2 gradients)."""
+    products (fp8: e4m3 x e4m3) and the gradient products (fp8: e5m2 gradients); the aot
+    report's count finds them and prices them at the chip's low-precision peak."""
     from kinoe_jax.parallel.mesh import make_mesh
+    from kinoe_jax.planning import hlo_stats
     from kinoe_jax.planning.fit import compile_train_step
 
     mesh = make_mesh(data=1, fsdp=-1, tensor=1, devices=chips.target(target).devices())
@@ -92,6 +94,11 @@ def test_the_chip_compiler_gets_low_precision_gemms(target, mode, forward, backw
     low = [p for p in products if p <= backward]
     # The seven projections' forward and gradient products (XLA merges some: q/k/v, gate/up).
     assert len(low) >= 9 and forward in low and backward in low, products
+    chip = chips.target(target).chip
+    stats = hlo_stats.analyze(text, mesh.size, chip.peak_flops, chip.hbm_gbps * 1e9)
+    # Both layers of the scan: its body's products counted once per layer.
+    assert stats.low_precision_gemms[mode] >= 2 * len(low)
+    assert 0 < stats.low_precision_flops[mode] < stats.matmul_flops
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
