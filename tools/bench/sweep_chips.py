@@ -29,7 +29,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 1024 ** 3
 
-# (model preset, seq_len, target, remat, attention, sequences per device)
+# (model preset, seq_len, target, remat, attention, sequences per device[, matmul_dtype])
 PLAN = [
     # The goals first: mistral_7b at 4096 on 8 v5p chips (8 per device) and on 8 H100s (4 per device).
     ("mistral_7b", 4096, "v5p-16", "dots_no_batch", "auto", 4),
@@ -67,6 +67,12 @@ PLAN = [
     ("mixtral_8x7b", 4096, "v5p-128", "dots_no_batch", "auto", 4),
     ("mixtral_8x7b", 2048, "v5p-32", "full", "auto", 8),
     ("mixtral_8x7b", 2048, "v5p-128", "dots_no_batch", "auto", 8),
+    # Low-precision matmuls (ModelConfig.matmul_dtype), each beside its bf16 row above or here.
+    ("kinoe_9b", 4096, "h100-8", "full", "auto", 4, "fp8"),
+    ("kinoe_9b", 4096, "v5p-16", "full", "auto", 8),
+    ("kinoe_9b", 4096, "v5p-16", "full", "auto", 8, "int8"),
+    ("kinoe_9b", 4096, "v6e-16", "full", "auto", 2),
+    ("kinoe_9b", 4096, "v6e-16", "full", "auto", 2, "int8"),
 ]
 
 
@@ -82,7 +88,7 @@ def devices_of(target: str) -> int:
 
 
 def run_one(row) -> dict:
-    model, seq, target, remat, attention, per_device = row
+    model, seq, target, remat, attention, per_device, *matmul = row
     n = devices_of(target)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "fit.json")
@@ -92,6 +98,7 @@ def run_one(row) -> dict:
                f"--gin_bindings=ModelConfig.remat_policy = '{remat}'",
                f"--gin_bindings=ModelConfig.attention_impl = '{attention}'",
                f"--gin_bindings=ModelConfig.max_seq_len = {max(seq, 4096)}"]
+        cmd += [f"--gin_bindings=ModelConfig.matmul_dtype = '{m}'" for m in matmul]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -128,7 +135,7 @@ def table(rows: list) -> str:
     models = [row[0] for row in PLAN]
 
     def order(r):
-        model, seq, target, remat, attention, per_device = r["row"]
+        model, seq, target, remat, attention, per_device, *_ = r["row"]
         platform, size = target.split("-")
         return (models.index(model) if model in models else 99, -seq, platform, int(size), remat, attention,
                 per_device)
@@ -136,7 +143,9 @@ def table(rows: list) -> str:
     for r in sorted(rows, key=order):
         if "error" in r and r["key"] in good:
             continue  # a failed try that a later run of the same row replaced
-        model, seq, target, remat, attention, per_device = r["row"]
+        model, seq, target, remat, attention, per_device, *matmul = r["row"]
+        if matmul:
+            attention = f"{attention}, {matmul[0]}"
         if "error" in r:
             lines.append(f"| {model} | {seq} | {target} | {remat} | {attention} | {per_device} | error | "
                          f"{r['error'].splitlines()[-1][:80]} | | | | | |")
@@ -151,6 +160,7 @@ def table(rows: list) -> str:
         names = [k["name"] for k in r["kernels"]]
         attn = ("splash" if any(n.startswith("splash") for n in names) else
                 "cudnn" if any(n.startswith("__cudnn") for n in names) else "blocked")
+        attn += f", {matmul[0]}" if matmul else ""
         tps = r.get("tokens_per_sec_per_device")
         lines.append(
             f"| {model} | {seq} | {target} | {remat} | {attn} | {per_device} | {'yes' if r['fits'] else '**no**'} "
