@@ -23,8 +23,25 @@ the model is never allocated. Reported per device:
   tokens/s it implies are upper limits that rank choices, not predictions;
 - XLA's own `optimal_seconds` where the compiler gives one, for reference (it counts a loop
   body once: the layer scan, and on TPU the collective matmuls FSDP becomes).
+Beyond one slice or node (`--target=2xv5p-128`, `h100-64`) the collectives are split by the
+network they cross, read from the compiled program's replica groups, and a step estimate adds
+the communication compute cannot hide (docs/chips.md, "Step time beyond one slice").
 `--train_tokens` adds the days to train that many tokens at the estimate and at `--mfu`.
-Exit status 1 means "does not fit".
+Exit status 1 means "does not fit"; 2 a bad input (an unknown target, a mesh the devices cannot
+take), with one line on stderr.
+
+    python -m kinoe_jax.aot --plan --gin_file=gin_configs/models/kinoe_9b.gin --target=h100-64 \\
+        --seq_len=4096 --global_batch=256 --train_tokens=1e12
+
+compiles the candidate layouts (flat FSDP, HSDP, FSDP plus tensor inside a node) under the
+model's remat and "full", and prints them ranked by the estimated step time
+(kinoe_jax/planning/plan.py).
+
+    python -m kinoe_jax.aot --price_hlo=step.hlo.txt --target=v6e-16 --tokens_per_step=524288 \\
+        --gin_file=MODEL.gin --seq_len=8192
+
+prices a compiled program's HLO text from anywhere with the same estimator (the model's gin
+gives the FLOP formula) and writes the same JSON keys.
 """
 
 from __future__ import annotations
@@ -59,6 +76,12 @@ def main(argv=None) -> int:
     parser.add_argument("--objective", default="causal_lm", choices=("causal_lm", "dpo"),
                         help="the training objective whose step is compiled (dpo: global_batch counts pairs)")
     parser.add_argument("--json_out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--plan", action="store_true", help="compile the candidate layouts x remat and rank them")
+    parser.add_argument("--plan_layouts", default=None, help="--plan: these layouts only (comma-separated; "
+                        "fsdp, hsdp, hsdp+tensor4)")
+    parser.add_argument("--plan_remats", default=None, help="--plan: these remat policies (default: the model's, full)")
+    parser.add_argument("--price_hlo", default=None, help="price this compiled HLO text instead of compiling")
+    parser.add_argument("--tokens_per_step", type=int, default=None, help="with --price_hlo: tokens of the step")
     args = parser.parse_args(argv)
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. gin_configs/models/mistral_7b.gin)")
@@ -75,7 +98,11 @@ def main(argv=None) -> int:
         try:  # an unknown name is named before anything starts
             tgt = chips.target(args.target)
         except chips.TargetError as e:
-            raise SystemExit(str(e))
+            cli.fail(parser, str(e))
+    if args.price_hlo:
+        if not tgt or not args.tokens_per_step:
+            cli.fail(parser, "--price_hlo needs --target and --tokens_per_step")
+        cli.check_args(parser, args, {"--price_hlo": cli.text_file})
     if args.num_devices and "jax" not in sys.modules:
         # Simulated devices must be requested before JAX starts its CPU backend.
         flags = os.environ.get("XLA_FLAGS", "")
@@ -112,13 +139,23 @@ def main(argv=None) -> int:
         else:
             devices = _cpu_devices(args.num_devices)
     except (chips.TargetError, ValueError) as e:
-        raise SystemExit(str(e).splitlines()[0])
+        cli.fail(parser, str(e).splitlines()[0])
     chip = CHIPS[args.accelerator] if args.accelerator else (tgt.chip if tgt else CHIPS["h100"])
+    global_batch = args.global_batch or data.global_batch
+    per_granule = _gin_value("make_mesh.devices_per_granule", None)
+    if args.price_hlo:
+        from kinoe_jax.planning.price import price_hlo
+
+        report = price_hlo(args.price_hlo, model_cfg, tgt, seq_len, args.tokens_per_step, mfu=args.mfu)
+        print(format_report(report, accelerator=chip.name, train_tokens=args.train_tokens), flush=True)
+        _write_json(args.json_out, report.as_dict())
+        return 0
+    if args.plan:
+        return _plan(parser, args, model_cfg, devices, chip, tgt, seq_len, global_batch, data, per_granule)
     try:
         mesh = make_mesh(devices=devices)
     except ValueError as e:  # sizes that do not match the devices or their slices / hosts
-        raise SystemExit(str(e).splitlines()[0])
-    global_batch = args.global_batch or data.global_batch
+        cli.fail(parser, str(e).splitlines()[0])
     try:
         report = fit_report(
             model_cfg, mesh, seq_len=seq_len, global_batch=global_batch,
@@ -126,7 +163,7 @@ def main(argv=None) -> int:
             device_memory_gb=args.device_memory_gb or chip.memory_gb,
             peak_tflops=args.peak_tflops or chip.peak_tflops, hbm_gbps=chip.hbm_gbps, mfu=args.mfu,
             target=tgt.describe() if tgt else None, objective=_objective(args.objective), chip=chip,
-            devices_per_granule=_gin_value("make_mesh.devices_per_granule", None))
+            devices_per_granule=per_granule)
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -139,6 +176,39 @@ def main(argv=None) -> int:
     print(format_report(report, accelerator=chip.name, train_tokens=args.train_tokens), flush=True)
     _write_json(args.json_out, report.as_dict())
     return 0 if report.fits is not False else 1
+
+
+def _plan(parser, args, model_cfg, devices, chip, tgt, seq_len, global_batch, data, per_granule) -> int:
+    from kinoe_jax.config import inputs as cli
+    from kinoe_jax.planning import plan
+
+    where = tgt.describe() if tgt else f"{len(devices)} devices"
+    print(f"plan: {where}; {global_batch} x {seq_len} tokens per step", flush=True)
+    ranked = plan.run(model_cfg, devices, chip, seq_len, global_batch, grad_accum=args.grad_accum or data.grad_accum,
+                      zero1=bool(args.zero1), target=tgt.describe() if tgt else None,
+                      objective=_objective(args.objective), devices_per_granule=per_granule,
+                      device_memory_gb=args.device_memory_gb, layouts=_names(parser, args.plan_layouts, plan.LAYOUTS),
+                      remats=_names(parser, args.plan_remats, None))
+    status, line = plan.verdict(ranked)
+    if status == 2:
+        cli.fail(parser, line)
+    print(plan.format_table(ranked, args.train_tokens), flush=True)
+    print(line, flush=True)
+    _write_json(args.json_out, {"target": where, "seq_len": seq_len, "global_batch": global_batch,
+                                "candidates": [c.row() for c in ranked]})
+    return status
+
+
+def _names(parser, text, known):
+    from kinoe_jax.config import inputs as cli
+
+    if not text:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if known is not None and n not in known]
+    if bad:
+        cli.fail(parser, f"unknown plan layout(s) {bad}; known: {', '.join(known)}")
+    return names
 
 
 def _write_json(path, figures: dict) -> None:

@@ -11,6 +11,7 @@ axis with outer size 1 never leaves a granule. HSDP is fsdp inside, data outside
 
 from __future__ import annotations
 
+import logging
 import math
 
 import gin
@@ -19,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from kinoe_jax.parallel.rules import MESH_AXES
+
+log = logging.getLogger(__name__)
 
 
 @gin.configurable
@@ -52,7 +55,12 @@ def make_mesh(data: int | str = -1, fsdp: int | str = 1, tensor: int | str = 1, 
     arr = blocks.reshape(outer_shape + inner_shape)
     n = len(MESH_AXES)
     arr = arr.transpose([i for pair in zip(range(n), range(n, 2 * n)) for i in pair])
-    return Mesh(arr.reshape(tuple(sizes[a] for a in MESH_AXES)), MESH_AXES)
+    arr = arr.reshape(tuple(sizes[a] for a in MESH_AXES))
+    if len(granules) > 1:  # where each device landed: the first thing to read when a layout is slow
+        where = {d.id: g for g, members in enumerate(granules) for d in members}
+        log.info("mesh over %d %ss: outer %s, inner %s; %s of each device in mesh order: %s", len(granules),
+                 _granule_word(devices), outer, inner, _granule_word(devices), [where[d.id] for d in arr.flat])
+    return Mesh(arr, MESH_AXES)
 
 
 def _fill(sizes: dict, num_devices: int) -> dict:

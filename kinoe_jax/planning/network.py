@@ -62,17 +62,17 @@ def ideal_bytes_by_tier(model_cfg, mesh, axis_tiers: dict, chip, params_bytes_pe
     of the axis that carries it (activation traffic of tensor or expert axes is left out):
     - fsdp: gather the parameters for the forward and again for the backward, reduce-scatter the
       gradients, in the compute dtype (ring: (n - 1)/n of the full size each);
-    - data: one all-reduce of each device's share of the gradients, in the parameters' dtype
-      (ring: twice (n - 1)/n of it)."""
+    - data: one all-reduce of each device's share of the gradients, in the compute dtype (the
+      gradients of the cast weights are reduced before the fp32 update; ring: twice (n - 1)/n)."""
     names = tier_names(chip)
     out = {names["inner"]: 0.0, names["outer"]: 0.0}
+    item = np.dtype(model_cfg.compute_dtype).itemsize
     n = mesh.shape.get("fsdp", 1)
     if n > 1:
-        item = np.dtype(model_cfg.compute_dtype).itemsize
         out[names[axis_tiers["fsdp"]]] += 3.0 * model_cfg.num_params() * item * (n - 1) / n
     d = mesh.shape.get("data", 1)
-    if d > 1:
-        out[names[axis_tiers["data"]]] += 2.0 * params_bytes_per_device * (d - 1) / d
+    if d > 1:  # parameters are held in fp32 (ModelConfig): 4 bytes each
+        out[names[axis_tiers["data"]]] += 2.0 * params_bytes_per_device / 4 * item * (d - 1) / d
     return out
 
 
