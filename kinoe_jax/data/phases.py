@@ -7,9 +7,9 @@
 Steps [0, switch) read DataConfig.mixture, steps [switch, total) read the decay mixture. With the
 WSD schedule the switch is exactly kinoe_jax.config.decay.wsd_decay_start, the first step whose learning rate decays.
 
-Both phases' tf.data iterators live in one tf.Module, so the checkpoint's data_iter item
-(tf.train.Checkpoint(iterator=...)) saves both and a resumed run, before or after the switch,
-reads exactly the batches the uninterrupted run would have read.
+Both phases' tf.data iterators of a data shard live in one tf.Module, so the checkpoint's data_iter
+item (one tf.train.Checkpoint(iterator=...) per shard) saves both and a resumed run, before or
+after the switch, reads exactly the batches the uninterrupted run would have read.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from kinoe_jax.config.decay import wsd_decay_fraction, wsd_decay_start
 from kinoe_jax.data import pipeline, sources  # noqa: F401  (sources: gin configurables for data files)
+from kinoe_jax.data.sharded_stream import ShardedStream
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +79,36 @@ class PhasedIterator(tf.Module):
 
 
 @gin.configurable
-def train_iterator(cfg: pipeline.DataConfig, total_steps: int, schedule: PhaseSchedule | None = None):
-    """The training data iterator: a plain tf.data iterator, or a PhasedIterator under a schedule."""
-    if schedule is None:
-        return iter(pipeline.train_dataset(cfg))
-    switch = schedule.switch_step(total_steps)
-    names = [cfg.mixture, schedule.decay_mixture]
-    log.info("data phases: %r for steps [0, %d), %r for steps [%d, %d)", names[0], switch, names[1],
-             switch, total_steps)
-    # Phase i shuffles with seed + i: the decay phase does not replay phase 0's first examples.
-    datasets = [pipeline.train_dataset(dataclasses.replace(cfg, mixture=name, seed=cfg.seed + i))
-                for i, name in enumerate(names)]
-    return PhasedIterator(datasets, [0, switch], names)
+def train_iterator(cfg: pipeline.DataConfig, total_steps: int, schedule: PhaseSchedule | None = None,
+                   rows_by_process: dict[int, tuple[int, int]] | None = None):
+    """The training stream (kinoe_jax/data/sharded_stream.py): per shard, a plain tf.data iterator,
+    or a PhasedIterator under a schedule. `rows_by_process` defaults to equal blocks of every
+    micro-batch's rows in process order (pipeline.rows_by_process gives those of a mesh)."""
+    import jax
+
+    if rows_by_process is None:
+        n, rows = jax.process_count(), pipeline.local_batch_size(cfg) // cfg.grad_accum
+        rows_by_process = {p: (p * rows, (p + 1) * rows) for p in range(n)}
+    names = [cfg.mixture] if schedule is None else [cfg.mixture, schedule.decay_mixture]
+    starts = [0] if schedule is None else [0, schedule.switch_step(total_steps)]
+    if schedule is not None:
+        log.info("data phases: %r for steps [0, %d), %r for steps [%d, %d)", names[0], starts[1], names[1],
+                 starts[1], total_steps)
+
+    def make_shard(shard: int, num_shards: int):
+        # Phase i shuffles with seed + i: the decay phase does not replay phase 0's first examples.
+        datasets = [pipeline.train_dataset(dataclasses.replace(cfg, mixture=name, seed=cfg.seed + i), shard,
+                                           num_shards) for i, name in enumerate(names)]
+        return iter(datasets[0]) if schedule is None else PhasedIterator(datasets, starts, names)
+
+    return ShardedStream(make_shard, cfg.global_batch, cfg.grad_accum, rows_by_process, jax.process_index(),
+                         default_shards=cfg.data_shards or jax.process_count(),
+                         starts=tuple(starts) if schedule is not None else (),
+                         names=tuple(names) if schedule is not None else ())
 
 
 def next_batch(data_iter, step: int):
     """The batch for `step` (0-based), whichever kind of iterator train_iterator built."""
-    if isinstance(data_iter, PhasedIterator):
+    if hasattr(data_iter, "next_for_step"):
         return data_iter.next_for_step(step)
     return next(data_iter)

@@ -1,4 +1,9 @@
-"""From a seqio task/mixture to packed, per-process batches with a checkpointable iterator."""
+"""From a seqio task/mixture to packed batches, and how a step's global batch is laid out.
+
+A step's batch is [grad_accum, global_batch / grad_accum, seq_len] on the mesh (micro-batch major);
+`batch_sharding` splits its rows over the data axes and `rows_by_process` says which rows each
+process's devices hold. The training stream that fills them is kinoe_jax/data/sharded_stream.py.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+from jax.sharding import NamedSharding
 
 from kinoe_jax.data.vocab import BOS_ID
+from kinoe_jax.parallel import sharding as shd
 
 FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")
@@ -23,6 +30,11 @@ class DataConfig:
     seq_len: int = 128
     global_batch: int = 16  # sequences per optimizer step, summed over every process
     grad_accum: int = 1  # micro-batches per step (global_batch must divide evenly)
+    # Streams the training data is cut into (seqio shards). Fixed when a run starts (None: the
+    # process count then) and kept by its checkpoints, so a run resumed on another number of
+    # processes continues the same global sequence. A multiple of the most hosts the run may get
+    # keeps every host reading only what it trains on.
+    data_shards: int | None = None
     shuffle_buffer: int = 1000
     seed: int = 0
     eval_mixture: str | None = None  # defaults to `mixture`
@@ -78,9 +90,33 @@ def local_batch_size(cfg: DataConfig) -> int:
     return cfg.global_batch // n
 
 
-def train_dataset(cfg: DataConfig) -> tf.data.Dataset:
-    return packed_dataset(cfg.mixture, "train", cfg.seq_len, local_batch_size(cfg), shuffle=True,
-                          seed=cfg.seed, num_epochs=None, shuffle_buffer=cfg.shuffle_buffer)
+def train_dataset(cfg: DataConfig, shard: int | None = None, num_shards: int | None = None) -> tf.data.Dataset:
+    """The endless, shuffled training batches of one seqio shard (default: this process's of all),
+    global_batch / num_shards rows each."""
+    num_shards = jax.process_count() if num_shards is None else num_shards
+    return packed_dataset(cfg.mixture, "train", cfg.seq_len, cfg.global_batch // num_shards, shuffle=True,
+                          seed=cfg.seed, num_epochs=None, shard_index=shard, num_shards=num_shards,
+                          shuffle_buffer=cfg.shuffle_buffer)
+
+
+def micro_batch_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    return cfg.grad_accum, cfg.global_batch // cfg.grad_accum, cfg.seq_len
+
+
+def batch_sharding(mesh, cfg: DataConfig) -> NamedSharding:
+    """Where a step's [grad_accum, rows, seq_len] batch lives: rows split over the data axes."""
+    return NamedSharding(mesh, shd.batch_spec(mesh, micro_batch_shape(cfg)))
+
+
+def rows_by_process(mesh, cfg: DataConfig) -> dict[int, tuple[int, int]]:
+    """Process -> the rows [first, end) of every micro-batch that its devices hold."""
+    shape = micro_batch_shape(cfg)
+    out: dict[int, tuple[int, int]] = {}
+    for device, index in batch_sharding(mesh, cfg).devices_indices_map(shape).items():
+        first, end, _ = index[1].indices(shape[1])
+        lo, hi = out.get(device.process_index, (first, end))
+        out[device.process_index] = (min(lo, first), max(hi, end))
+    return out
 
 
 def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
@@ -95,10 +131,3 @@ def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
             batch = {k: np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
         out.append({k: batch[k] for k in FEATURES})
     return out
-
-
-def to_micro_batches(batch: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
-    """[local_batch, T] -> [grad_accum, local_batch // grad_accum, T] (micro-batch major)."""
-    batch = {k: np.asarray(v) for k, v in batch.items() if k in FEATURES}
-    return {k: v.reshape((grad_accum, v.shape[0] // grad_accum) + v.shape[1:]) for k, v in batch.items()
-            if k in FEATURES}

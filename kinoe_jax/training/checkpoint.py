@@ -2,7 +2,8 @@
 
 Layout of DIR/checkpoints/<step>/:
   state/        params, opt_state, step, rng (sharded arrays; restore onto any mesh)
-  data_iter/    process_<i>-of-<n>/  tf.data iterator state of each process
+  data_iter/    shard_<i>-of-<n>/  tf.data iterator state of each data shard (older checkpoints:
+                process_<i>-of-<n>, which is the same shard); see kinoe_jax/data/sharded_stream.py
   model_config/ the ModelConfig as JSON (what the HF converter reads)
   run_info/     the schedule the run was on (total steps, next learning rate, data phases)
 """
@@ -19,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from kinoe_jax.data.sharded_stream import ShardedStream, saved_shards, shard_dir
 from kinoe_jax.training.orbax_reads import settled_reads
 from kinoe_jax.training.resilience import integrity
 from kinoe_jax.training.resilience.faults import Faults
@@ -27,30 +29,35 @@ log = logging.getLogger(__name__)
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves each process's tf.data iterator with tf.train.Checkpoint (as T5X does, but on)."""
-
-    @staticmethod
-    def _path(directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+    """Saves the training stream's shards with tf.train.Checkpoint (as T5X does, per shard)."""
 
     def save(self, directory: epath.Path, args: "DataIteratorArgs"):
-        path = self._path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+        item = args.item
+        if isinstance(item, ShardedStream):
+            item.save(os.fspath(directory))
+            return
+        # A bare tf.data iterator is this process's shard of as many as there are processes.
         import tensorflow as tf  # only here: readers of checkpoints (HF export) need no TF
 
-        tf.train.Checkpoint(iterator=args.item).write(os.fspath(path / "iterator"))
+        path = directory / shard_dir(jax.process_index(), jax.process_count())
+        path.mkdir(parents=True, exist_ok=True)
+        tf.train.Checkpoint(iterator=item).write(os.fspath(path / "iterator"))
 
     def restore(self, directory: epath.Path, args: "DataIteratorArgs"):
-        path = self._path(directory)
-        if not path.exists():
-            saved = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-            log.warning("data iterator state for %s not in %s (saved: %s); the data stream restarts "
-                        "from its beginning", path.name, directory, saved)
-            return args.item
+        item = args.item
+        if isinstance(item, ShardedStream):
+            item.restore(os.fspath(directory))
+            return item
         import tensorflow as tf
 
-        tf.train.Checkpoint(iterator=args.item).read(os.fspath(path / "iterator")).assert_consumed()
-        return args.item
+        saved = saved_shards(os.fspath(directory))
+        name = saved and saved[0] == jax.process_count() and saved[1].get(jax.process_index())
+        if not name:
+            log.warning("no data iterator state for this process in %s; the data stream restarts from its "
+                        "beginning", directory)
+            return item
+        tf.train.Checkpoint(iterator=item).read(os.fspath(directory / name / "iterator")).assert_consumed()
+        return item
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True, for_restore=True)
@@ -104,6 +111,28 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
     (and saying so); raises rather than start from scratch when none can be read."""
     return integrity.restore_newest_good(manager, lambda step: restore(manager, step, abstract_state, data_iter),
                                          notify)
+
+
+def check_data_layout(manager: ocp.CheckpointManager, stream) -> None:
+    """Before anything runs: refuse, in one line, a newest checkpoint whose data stream this run
+    cannot continue exactly (kinoe_jax/data/sharded_stream.py says which)."""
+    step = manager.latest_step()
+    if step is None or not isinstance(stream, ShardedStream):
+        return
+    directory = os.path.join(os.fspath(manager.directory), str(step), "data_iter")
+    saved = saved_shards(directory)
+    if saved is not None:
+        stream.settle(saved[0], source=f"checkpoint step {step} ({directory})")
+
+
+def newest_committed(checkpoints_dir: str) -> int | None:
+    """The newest step whose save was committed (Orbax renames a step's directory when it is whole)."""
+    try:
+        names = os.listdir(checkpoints_dir)
+    except OSError:
+        return None
+    steps = [int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, n))]
+    return max(steps, default=None)
 
 
 def read_run_info(manager: ocp.CheckpointManager, step: int) -> dict | None:

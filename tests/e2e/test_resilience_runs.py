@@ -417,7 +417,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_good_one(runs, tmp_path):
     newest, middle, oldest = (work / str(s) for s in reversed(steps))
     data_files = sorted(glob.glob(str(newest / "state" / "ocdbt.process_0" / "d" / "*")), key=os.path.getsize)
     os.truncate(data_files[-1], os.path.getsize(data_files[-1]) // 2)  # a truncated array file
-    os.remove(middle / "data_iter" / "process_0-of-1" / "iterator.index")  # a missing file
+    os.remove(middle / "data_iter" / "shard_0-of-1" / "iterator.index")  # a missing file
 
     told = []
     state, step = _restore_latest(work, notify=lambda *a: told.append(a))
