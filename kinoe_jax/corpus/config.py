@@ -32,6 +32,9 @@ class FilterConfig:
     min_chars: Optional[int]
     min_japanese_fraction: Optional[float]
     min_hiragana_fraction: Optional[float]
+    min_prose_chars: Optional[int]
+    prose_line_min_chars: int
+    prose_line_min_hiragana: float
     top_ngram_chars: int
     max_top_ngram_share: Optional[float]
     max_duplicate_line_share: Optional[float]
@@ -41,9 +44,11 @@ class FilterConfig:
     max_word_list_hits: int
     max_ad_keywords: Optional[int]
     max_bbs_markers: Optional[int]
+    max_bbs_markers_per_1000: Optional[float]
     discrimination_content: bool
     violence_content: bool
     adult_content: bool
+    max_keyword_hits_per_1000: float
     katakana_keyword_boundary: bool
 
 
@@ -136,19 +141,27 @@ def _merge(base: dict, override: dict, source: Path) -> dict:
     return merged
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check(cfg: CorpusConfig) -> None:
     f, d = cfg.filters, cfg.dedup
-    for name in ("min_japanese_fraction", "min_hiragana_fraction",
+    for name in ("min_japanese_fraction", "min_hiragana_fraction", "prose_line_min_hiragana",
                  "max_top_ngram_share", "max_duplicate_line_share"):
         value = getattr(f, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"filters.{name} must be in [0, 1], got {value}")
+        if value is not None and (not _is_number(value) or not 0.0 <= value <= 1.0):
+            raise ConfigError(f"filters.{name} must be in [0, 1], got {value!r}")
+    for name in ("max_bbs_markers_per_1000", "max_keyword_hits_per_1000"):
+        value = getattr(f, name)
+        if (value is not None or name == "max_keyword_hits_per_1000") and (not _is_number(value) or value < 0):
+            raise ConfigError(f"filters.{name} must be a number >= 0, got {value!r}")
     for section, obj, name in (("filters", f, "discrimination_content"), ("filters", f, "violence_content"),
                                ("filters", f, "adult_content"), ("filters", f, "katakana_keyword_boundary"),
                                ("pii", cfg.pii, "mask"), ("dedup", d, "exact"), ("dedup", d, "near")):
         if not isinstance(getattr(obj, name), bool):
             raise ConfigError(f"{section}.{name} must be true or false, got {getattr(obj, name)!r}")
-    for name in ("max_word_list_hits", "max_ad_keywords", "max_bbs_markers"):
+    for name in ("max_word_list_hits", "max_ad_keywords", "max_bbs_markers", "min_prose_chars", "prose_line_min_chars"):
         value = getattr(f, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"filters.{name} must be a whole number >= 0 or null, got {value!r}")

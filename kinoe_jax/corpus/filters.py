@@ -28,6 +28,7 @@ FILTER_REASONS = (
     "repetitive_ngram",
     "duplicate_lines",
     "sentence_length",
+    "little_prose",
     "word_list",
     "ads",
     "bbs_comments",
@@ -51,6 +52,9 @@ _JAPANESE = re.compile(
     r"[\u3001-\u303f\u3041-\u309f\u30a0-\u30ff\u31f0-\u31ff"
     r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
 )
+# A rule drawn with one symbol ("=====", "-----" under a heading or in an ASCII chart) is layout,
+# not repeated content; it is shortened to one character before the repetition measure.
+_SYMBOL_RUNS = re.compile(r"([^\w])\1{4,}")
 # NFKC turns ！？ into !?, so both widths are sentence ends.
 _SENTENCE_END = re.compile(r"[。！？!?\n]+")
 
@@ -75,6 +79,19 @@ def japanese_fraction(chars: str) -> float:
 
 def hiragana_fraction(chars: str) -> float:
     return len(_HIRAGANA.findall(chars)) / len(chars) if chars else 0.0
+
+
+def prose_chars(text: str, min_line_chars: int, min_hiragana: float) -> int:
+    """Characters in lines that read as Japanese sentences: at least ``min_line_chars`` long
+    (whitespace aside) with at least ``min_hiragana`` of them hiragana. Particles and endings make
+    a sentence's hiragana; a table row, a command, an option name or an English line has almost
+    none, so this counts the running text a page actually holds."""
+    total = 0
+    for line in text.split("\n"):
+        chars = strip_whitespace(line)
+        if len(chars) >= min_line_chars and hiragana_fraction(chars) >= min_hiragana:
+            total += len(chars)
+    return total
 
 
 def top_ngram_share(chars: str, n: int) -> float:
@@ -151,17 +168,23 @@ class QualityFilter:
             checks.append(("low_hiragana",
                            lambda text, chars: hiragana_fraction(chars) < c.min_hiragana_fraction))
         if c.max_top_ngram_share is not None:
-            checks.append(("repetitive_ngram",
-                           lambda text, chars: top_ngram_share(chars, c.top_ngram_chars) > c.max_top_ngram_share))
+            checks.append(("repetitive_ngram", lambda text, chars: top_ngram_share(
+                _SYMBOL_RUNS.sub(r"\1", chars), c.top_ngram_chars) > c.max_top_ngram_share))
         if c.max_duplicate_line_share is not None:
             checks.append(("duplicate_lines",
                            lambda text, chars: duplicate_line_share(text) > c.max_duplicate_line_share))
         if c.min_mean_sentence_chars is not None or c.max_mean_sentence_chars is not None:
             checks.append(("sentence_length", lambda text, chars: self._bad_sentence_length(text)))
+        if c.min_prose_chars is not None:
+            checks.append(("little_prose", lambda text, chars: prose_chars(
+                text, c.prose_line_min_chars, c.prose_line_min_hiragana) < c.min_prose_chars))
         if self._words is not None:
             checks.append(("word_list", lambda text, chars: self.word_hits(text) > c.max_word_list_hits))
         for reason, f in hojichar_filters.content_filters(c):
-            checks.append((reason, lambda text, chars, f=f: hojichar_filters.rejects(f, text)))
+            if isinstance(f, hojichar_filters.DensityFilter):
+                checks.append((reason, lambda text, chars, f=f: f.rejects(text, len(chars))))
+            else:
+                checks.append((reason, lambda text, chars, f=f: hojichar_filters.rejects(f, text)))
         return checks
 
     def _bad_sentence_length(self, text: str) -> bool:

@@ -12,6 +12,7 @@ Which filters are on by default, and why, is in default_config.yaml.
 
 from __future__ import annotations
 
+import re
 from importlib import metadata
 
 from hojichar import Document, Filter
@@ -33,20 +34,52 @@ def length_filter(min_chars: int) -> DocumentLengthFilter:
     return DocumentLengthFilter(min_doc_len=min_chars)
 
 
-def content_filters(cfg: FilterConfig) -> list[tuple[str, Filter]]:
+class DensityFilter:
+    """Counts a hojichar pattern's matches and rejects a document when there are more than
+    ``max_per_1000`` of them per 1,000 characters (non-whitespace, as the other filters count).
+
+    hojichar's keyword filters drop a document on its first hit, and its BBS filter on a fixed
+    count whatever the length, so a long manual or one everyday word on a list is enough.
+    A density asks how much of the document the markers make up instead.
+    """
+
+    def __init__(self, pattern: re.Pattern, max_per_1000: float):
+        self.pattern = pattern
+        self.max_per_1000 = max_per_1000
+
+    def hits(self, text: str) -> int:
+        return sum(1 for _ in self.pattern.finditer(text))
+
+    def per_1000(self, text: str, num_chars: int) -> float:
+        return 1000.0 * self.hits(text) / max(num_chars, 1)
+
+    def rejects(self, text: str, num_chars: int) -> bool:
+        return self.per_1000(text, num_chars) > self.max_per_1000
+
+
+def bbs_pattern() -> re.Pattern:
+    """hojichar's bulletin-board markers without its bare hyphen: every option of a manual page
+    ("--help") and every hyphenated word counted as a marker, so documentation scored like a
+    comment thread. Dates, (月), 投稿, コメント, レビュー, 質問, ページ and the rest stay."""
+    alternatives = DiscardBBSComments().keyword_pat.pattern.split("|")
+    return re.compile("|".join(a for a in alternatives if a != "-"))
+
+
+def content_filters(cfg: FilterConfig) -> list[tuple[str, Filter | DensityFilter]]:
     """(reason, filter) for each enabled content filter, cheapest first."""
-    found: list[tuple[str, Filter]] = []
+    found: list[tuple[str, Filter | DensityFilter]] = []
     if cfg.max_ad_keywords is not None:
         found.append(("ads", DiscardAds(max_allowed_num=cfg.max_ad_keywords)))
-    if cfg.max_bbs_markers is not None:
+    if cfg.max_bbs_markers is not None:  # hojichar's own rule: a count, whatever the length
         found.append(("bbs_comments", DiscardBBSComments(max_allowed_num=cfg.max_bbs_markers)))
+    elif cfg.max_bbs_markers_per_1000 is not None:
+        found.append(("bbs_comments", DensityFilter(bbs_pattern(), cfg.max_bbs_markers_per_1000)))
     keywords = {"ignore_confused": cfg.katakana_keyword_boundary}
-    if cfg.discrimination_content:
-        found.append(("discrimination_content", DiscardDiscriminationContentJa(**keywords)))
-    if cfg.violence_content:
-        found.append(("violence_content", DiscardViolenceContentJa(**keywords)))
-    if cfg.adult_content:
-        found.append(("adult_content", DiscardAdultContentJa(**keywords)))
+    for reason, enabled, cls in (("discrimination_content", cfg.discrimination_content, DiscardDiscriminationContentJa),
+                                 ("violence_content", cfg.violence_content, DiscardViolenceContentJa),
+                                 ("adult_content", cfg.adult_content, DiscardAdultContentJa)):
+        if enabled:
+            found.append((reason, DensityFilter(cls(**keywords).keyword_pat, cfg.max_keyword_hits_per_1000)))
     return found
 
 
