@@ -134,18 +134,25 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_loss(workdir: str) -> str | None:
-    """DIR/loss.png: training loss (and validation loss) against step; beside it, when the run
-    logged any, the downstream scores (downstream/<dataset>/<metric>, their average in bold)."""
+    """DIR/loss.png: training loss (and validation loss) against step, with the steps a spike
+    rollback discarded in grey; beside it, when the run logged them, the update norms (all
+    trained parameters in bold, each group thin) and the downstream scores
+    (downstream/<dataset>/<metric>, their average in bold)."""
     rows = read_metrics(workdir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train:
         return None
+    updates = sorted({k for r in rows for k in r if k == "update_norm" or
+                      (k.startswith("stats/") and k.endswith("/update_norm"))})
     downstream = sorted({k for r in rows for k in r if k.startswith("downstream/")})
+    panels = 1 + bool(updates) + bool(downstream)
     # A bare Figure draws without pyplot, so no global backend is chosen for the process.
-    fig = Figure(figsize=(14 if downstream else 7, 4))
-    axes = fig.subplots(1, 2 if downstream else 1, squeeze=False)
+    fig = Figure(figsize=(7 * panels, 4))
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0][0]
+    for n, discarded in _rolled_back(workdir).items():
+        ax.plot(*zip(*discarded), color="grey", alpha=0.6, lw=1, label="rolled back" if n == 1 else None)
     ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss")
@@ -154,8 +161,22 @@ def plot_loss(workdir: str) -> str | None:
     ax.set_title(os.path.basename(os.path.abspath(workdir)))
     ax.grid(alpha=0.3)
     ax.legend()
+    if updates:
+        mid = axes[0][1]
+        for key in updates:
+            points = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0]
+            total = key == "update_norm"
+            if points:
+                mid.plot(*zip(*points), lw=2 if total else 1, alpha=1 if total else 0.7, color="black" if total else None,
+                         label="all" if total else key.split("/")[1])
+        mid.set_yscale("log")
+        mid.set_xlabel("step")
+        mid.set_ylabel("update norm")
+        mid.set_title("update norms (the spike detector's early signal)")
+        mid.grid(alpha=0.3)
+        mid.legend(fontsize=7)
     if downstream:
-        right = axes[0][1]
+        right = axes[0][-1]
         for key in downstream:
             points = [(r["step"], r[key]) for r in rows if key in r]
             average = key == "downstream/average"
@@ -169,4 +190,18 @@ def plot_loss(workdir: str) -> str | None:
     out = os.path.join(workdir, "loss.png")
     with atomic.atomic_file(out, "wb") as f:
         fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    return out
+
+
+def _rolled_back(workdir: str) -> dict[int, list[tuple[int, float]]]:
+    """The (step, loss) points each spike rollback discarded (DIR/rolled_back_metrics.jsonl)."""
+    path = os.path.join(workdir, "rolled_back_metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    out: dict[int, list] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line) if line.strip() else {}
+            if "loss" in r:
+                out.setdefault(r.get("rollback", 0), []).append((r["step"], r["loss"]))
     return out
