@@ -8,11 +8,13 @@ import os
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from kinoe_jax.hf import hf_config, peft_adapter, tokenizer as tok_lib
 from kinoe_jax.utils.atomic import atomic_directory, check_output
 from kinoe_jax.hf.mapping import ConversionError, Entry, entries, param_shapes
 from kinoe_jax.hf.orbax_io import CheckpointReader
+from kinoe_jax.hf.verify import verify_adapter, verify_export
 from kinoe_jax.hf.safetensors_io import (NP_DTYPES, ST_DTYPES, PlannedTensor, ShardWriter, plan_shards, shard_name,
                                          write_index)
 from kinoe_jax.models import lora as lora_lib
@@ -114,8 +116,6 @@ class _Merger:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled)
 
 
@@ -199,8 +199,6 @@ def convert_to_hf(checkpoint_dir: str, output_dir: str, *, step: int | None = No
         n_shards, total = write_weights(reader, ents, tmp, dtype, max_shard_bytes, read_budget, progress, merge)
         report = None
         if verify:
-            from kinoe_jax.hf.verify import verify_export
-
             report = verify_export(reader, cfg, tmp, dtype, log=log, lora_mode=lora)
     return ExportResult(os.path.abspath(output_dir), reader.step, len(ents), n_shards, total,
                         time.perf_counter() - t0, report)
@@ -217,7 +215,5 @@ def _write_adapter(reader, cfg, where, output_dir, overwrite, base_model, dtype,
         tok_lib.export(tok_path, tmp, cfg.max_seq_len)
         report = None
         if verify:
-            from kinoe_jax.hf.verify import verify_adapter
-
             report = verify_adapter(reader, cfg, tmp, base_model, dtype, log=log)
     return ExportResult(os.path.abspath(output_dir), reader.step, n, 1, total, time.perf_counter() - t0, report)

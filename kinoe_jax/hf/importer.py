@@ -7,9 +7,15 @@ import os
 import shutil
 import time
 
+import gin
+import jax
 import numpy as np
+from tqdm import tqdm
 
+from kinoe_jax.config.gin_io import load_gin
 from kinoe_jax.hf import hf_config
+from kinoe_jax.hf.tokenizer import KINOE_IDS, load_proto, special_ids
+from kinoe_jax.training import optim
 from kinoe_jax.utils.atomic import atomic_directory, check_output
 from kinoe_jax.hf.mapping import IGNORED_HF_TENSORS, ConversionError, Entry, entries, param_shapes
 from kinoe_jax.hf.orbax_io import LazyArray, write_checkpoint
@@ -83,18 +89,14 @@ def lazy_params(reader: SafetensorsReader, ents: list[Entry], shapes: dict, on_p
 
 def lazy_train_state(params: dict, gin_files=(), gin_bindings=()) -> dict:
     """params + zero optimizer state with the structure train.py restores (its make_optimizer)."""
-    import gin
-    import jax
-
-    from kinoe_jax.training import optim
-
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params,
                             is_leaf=lambda x: isinstance(x, LazyArray))
     depth = {tuple(str(getattr(k, "key", k)) for k in p): a.depth
              for p, a in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, LazyArray))[0]}
     if gin_files or gin_bindings:
-        import kinoe_jax.training.loop  # noqa: F401  (registers every configurable a run config names)
-        from kinoe_jax.config.gin_io import load_gin
+        # Registers every configurable a run config may name; it loads seqio and TensorFlow, which
+        # a conversion without a run config does not need.
+        import kinoe_jax.training.loop  # noqa: F401, PLC0415
 
         load_gin(list(gin_files), list(gin_bindings))
     try:
@@ -118,8 +120,6 @@ def lazy_train_state(params: dict, gin_files=(), gin_bindings=()) -> dict:
 
 def _tokenizer_lines(hf_dir: str, out_dir: str, log) -> list[str]:
     """Copy a SentencePiece tokenizer.model and bind it, if its ids are the ones kinoe assumes."""
-    from kinoe_jax.hf.tokenizer import KINOE_IDS, load_proto, special_ids
-
     src = os.path.join(hf_dir, "tokenizer.model")
     final = os.path.join(os.path.abspath(out_dir), "tokenizer.model")
     if not os.path.exists(src):
@@ -148,8 +148,6 @@ def convert_from_hf(hf_dir: str, output_dir: str, *, overwrite: bool = False, pa
     _check_tensors(reader, ents, cfg, hf_dir)
     log(f"importing {raw.get('architectures', [raw['model_type']])[0]} from {hf_dir} "
         f"({cfg.num_params() / 1e6:.1f}M parameters, {len(ents)} tensors) to {output_dir}")
-
-    from tqdm import tqdm
 
     total = sum(reader.tensors[e.hf_name].nbytes for e in ents)
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading safetensors", disable=not progress) as bar:

@@ -187,17 +187,16 @@ def param_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 def _trace_param_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+    # The conversion tools import this module (ConversionError) before they check their inputs,
+    # which must not wait for JAX: it loads only when shapes are traced.
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
 
-    from kinoe_jax.models import Transformer
+    from kinoe_jax.models import Transformer  # noqa: PLC0415
 
     boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     params = nn.meta.unbox(boxed["params"])
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {tuple(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
-
-def hf_names(cfg) -> list[str]:
-    return [e.hf_name for e in entries(cfg, param_shapes(cfg))]

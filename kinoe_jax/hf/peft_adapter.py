@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from kinoe_jax.hf.hf_config import read_hf_config
 from kinoe_jax.hf.mapping import ConversionError, Entry, entries
 from kinoe_jax.hf.safetensors_io import NP_DTYPES, ST_DTYPES, PlannedTensor, SafetensorsReader, ShardWriter
 from kinoe_jax.models import lora as lora_lib
@@ -102,12 +103,10 @@ def peft_config(cfg, shapes: dict, base_model: str) -> dict:
 # ----------------------------------------------------------------------------- the base model
 def _base_hf_config(base_model: str) -> tuple[dict, str | None]:
     """(config.json, local directory or None) of --base_model, a directory or a hub name."""
-    from kinoe_jax.hf.hf_config import read_hf_config
-
     if os.path.isdir(base_model):
         return read_hf_config(base_model), base_model
     try:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # noqa: PLC0415 (optional: the hf extra)
 
         return AutoConfig.from_pretrained(base_model).to_dict(), None
     except Exception as e:  # noqa: BLE001 - offline, unknown name, private repo: all the same to the user

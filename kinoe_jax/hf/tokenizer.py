@@ -21,6 +21,9 @@ import shutil
 import struct
 import unicodedata
 
+from sentencepiece import sentencepiece_model_pb2 as pb
+
+from kinoe_jax.data.chat.template import END, JINJA
 from kinoe_jax.hf.mapping import ConversionError
 
 # kinoe_jax.data.vocab's fixed ids, repeated (and tested equal) because importing that package
@@ -31,8 +34,6 @@ _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6
 
 
 def load_proto(path: str):
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     if not os.path.exists(path):
         raise ConversionError(f"tokenizer model {path} does not exist")
     proto = pb.ModelProto()
@@ -53,8 +54,6 @@ def special_ids(proto) -> dict[str, int]:
 
 def stop_ids(proto) -> list[int]:
     """EOS plus the chat template's end-of-turn piece, so HF generate stops after a reply."""
-    from kinoe_jax.data.chat.template import END
-
     ids = [proto.trainer_spec.eos_id]
     ids += [i for i, p in enumerate(proto.pieces) if p.piece == END]
     return ids
@@ -148,8 +147,9 @@ def _voicing_bases() -> tuple[str, ...]:
 
 def build_fast(proto):
     """A `tokenizers.Tokenizer` that segments like SentencePiece for this model."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import Unigram
+    # optional: the hf extra
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors  # noqa: PLC0415
+    from tokenizers.models import Unigram  # noqa: PLC0415
 
     vocab = [(p.piece, p.score) for p in proto.pieces]
     tok = Tokenizer(Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=proto.trainer_spec.byte_fallback))
@@ -198,8 +198,6 @@ def tokenizer_config(proto, model_max_length: int, chat_template: str) -> dict:
 
 def export(model_path: str, out_dir: str, model_max_length: int) -> dict[str, int]:
     """Write the tokenizer files into out_dir; returns the special ids for config.json."""
-    from kinoe_jax.data.chat.template import JINJA
-
     proto = load_proto(model_path)
     check_supported(proto, model_path)
     shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))

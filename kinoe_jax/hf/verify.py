@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
+import sentencepiece as spm
 
-from kinoe_jax.hf.mapping import ConversionError
+from kinoe_jax.hf.importer import lazy_params
+from kinoe_jax.hf.mapping import ConversionError, entries, param_shapes
 from kinoe_jax.hf.orbax_io import load_params, nest
-from kinoe_jax.hf.safetensors_io import NP_DTYPES, ST_DTYPES
+from kinoe_jax.hf.peft_adapter import WEIGHTS_FILE, base_config
+from kinoe_jax.hf.safetensors_io import NP_DTYPES, ST_DTYPES, SafetensorsReader
+from kinoe_jax.models import Transformer
 from kinoe_jax.models import lora as lora_lib
 
 TEXTS = (
@@ -51,8 +56,6 @@ def kinoe_logits_batch(cfg, params, seqs: list[list[int]], bucket: int = 32) -> 
 
 @functools.lru_cache(maxsize=8)
 def _forward(cfg):
-    from kinoe_jax.models import Transformer
-
     # HF Mixtral is dropless: a model trained with an expert capacity is compared as kinoe
     # computes it without one.
     cfg = dataclasses.replace(cfg, dtype="float32", remat_policy="none", moe_capacity_factor=0.0)
@@ -62,8 +65,9 @@ def _forward(cfg):
 
 
 def hf_model(hf_dir: str):
-    import torch
-    from transformers import AutoModelForCausalLM
+    # optional: the hf extra
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
                                                       output_loading_info=True)
@@ -74,19 +78,17 @@ def hf_model(hf_dir: str):
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
-    import torch
+    import torch  # noqa: PLC0415 (optional: the hf extra)
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def _token_ids(sp_model: str, texts, hf_tok_dir: str | None = None) -> list[list[int]]:
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     hf_tok = None
     if hf_tok_dir:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # noqa: PLC0415 (optional: the hf extra)
 
         hf_tok = AutoTokenizer.from_pretrained(hf_tok_dir)
     seqs = []
@@ -130,7 +132,7 @@ def verify_export(reader, cfg, hf_dir: str, dtype: str, texts=TEXTS, log=print, 
     seqs = _token_ids(f"{hf_dir}/tokenizer.model", texts, hf_dir)
     rounded = NP_DTYPES[ST_DTYPES[dtype]]
     exact = load_params(reader, lambda a: a.astype(np.float32))
-    base_cfg = dataclasses.replace(cfg, lora=None)
+    base_cfg = base_config(cfg)
     # What the directory holds, computed by kinoe: the (merged or base) weights, rounded.
     exported = lora_lib.merge(cfg, exact) if lora_mode == "merge" else lora_lib.base_only(exact)
     as_exported = jax.tree.map(lambda a: a.astype(rounded).astype(np.float32), exported)
@@ -152,10 +154,6 @@ def verify_export(reader, cfg, hf_dir: str, dtype: str, texts=TEXTS, log=print, 
 
 def _hf_base_params(cfg, base_dir: str) -> dict:
     """The HF base model's weights in kinoe's layout (through the one mapping table)."""
-    from kinoe_jax.hf.importer import lazy_params
-    from kinoe_jax.hf.mapping import entries, param_shapes
-    from kinoe_jax.hf.safetensors_io import SafetensorsReader
-
     shapes = param_shapes(cfg)
     lazy = lazy_params(SafetensorsReader(base_dir), entries(cfg, shapes), shapes)
     flat = jax.tree_util.tree_flatten_with_path(lazy, is_leaf=lambda x: hasattr(x, "pieces"))[0]
@@ -171,14 +169,10 @@ def _hf_base_params(cfg, base_dir: str) -> dict:
 def verify_adapter(reader, cfg, adapter_dir: str, base_model: str, dtype: str, texts=TEXTS, log=print) -> dict:
     """peft loads the adapter onto `base_model` with every key accounted for, and the result computes
     what kinoe computes with the same base weights and the adapters as written."""
-    import os
-
-    import torch
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
-    from kinoe_jax.hf.peft_adapter import WEIGHTS_FILE
-    from kinoe_jax.hf.safetensors_io import SafetensorsReader
+    # optional: the hf extra
+    import torch  # noqa: PLC0415
+    from peft import PeftModel  # noqa: PLC0415
+    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
 
     if not os.path.isdir(base_model):
         raise ConversionError(f"--verify with --lora=adapter compares against the base weights: --base_model "
@@ -197,7 +191,7 @@ def verify_adapter(reader, cfg, adapter_dir: str, base_model: str, dtype: str, t
     rounded = NP_DTYPES[ST_DTYPES[dtype]]
     adapters = nest({leaf: reader.read(leaf).astype(rounded).astype(np.float32)
                      for leaf in reader.leaves if lora_lib.is_adapter(leaf)})
-    params = lora_lib.combine(_hf_base_params(dataclasses.replace(cfg, lora=None), base_model), adapters)
+    params = lora_lib.combine(_hf_base_params(base_config(cfg), base_model), adapters)
     refs = kinoe_logits_batch(cfg, params, seqs)
 
     def peft_logits(ids):
