@@ -29,11 +29,10 @@ from kinoe_jax.eval.downstream import downstream_eval
 from kinoe_jax.inference.texts import generate_text
 from kinoe_jax.models import ModelConfig, Transformer
 from kinoe_jax.parallel import multihost
-from kinoe_jax.parallel import sharding as shd
 from kinoe_jax.parallel.mesh import make_mesh
 from kinoe_jax.parallel.rules import flax_rules
 from kinoe_jax.training import checkpoint as ckpt
-from kinoe_jax.training import optim
+from kinoe_jax.training import lost_peer, optim
 from kinoe_jax.training.metrics_writer import MetricsWriter, peak_flops_per_device, plot_loss, read_metrics
 from kinoe_jax.training.metrics_writer import flatten as flatten_metrics
 from kinoe_jax.training.objectives import CausalLM, RunInfo
@@ -93,10 +92,13 @@ def train(workdir: str, model_config: ModelConfig | None = None, data: pipeline.
                       cadence, seed, register_tasks)
     train_data = objective.setup(run)  # the objective's batches (and its checkpointable iterator)
     parts = build_parts(run, objective, checkpointing, zero1)
+    ckpt.check_data_layout(parts.manager, train_data.iterator)  # a stream it cannot continue: one line, now
     schedule_now = describe_schedule(parts.schedule, total_steps, train_data.iterator)
     with contextlib.ExitStack() as stack:
         stack.enter_context(jax.set_mesh(run.mesh))
         stack.enter_context(parts.guard)  # a run that halts itself raises TrainingHalted here
+        stack.enter_context(multihost.collective_failures())  # a dead peer is named before the crash alert
+        lost_peer.watch(workdir, parts.manager, parts.guard)
         state, start = init_or_resume(run, parts, train_data, schedule_now)
         extra, extra_shardings = objective.frozen_inputs(
             run, parts.abstract["params"], parts.shardings["params"],
@@ -191,16 +193,14 @@ def init_or_resume(run: RunInfo, parts: Parts, train_data, schedule_now) -> tupl
 def compile_step(run: RunInfo, parts: Parts, objective, extra_shardings):
     """The jitted step (state donated) and the function that lays this process's batch out globally."""
     data = run.data
-    local = pipeline.local_batch_size(data)
-    micro_shape = (data.grad_accum, data.global_batch // data.grad_accum, data.seq_len)
-    batch_sharding = jax.sharding.NamedSharding(run.mesh, shd.batch_spec(run.mesh, micro_shape))
+    micro_shape = pipeline.micro_batch_shape(data)
+    batch_sharding = pipeline.batch_sharding(run.mesh, data)
     step_fn = jax.jit(make_train_step(parts.model, parts.tx, parts.schedule, objective, parts.trainable),
                       in_shardings=(parts.shardings, batch_sharding, None, extra_shardings, None),
                       out_shardings=(parts.shardings, None), donate_argnums=(0,))
 
     def to_global(batch):
-        micro = {k: np.asarray(v).reshape((data.grad_accum, local // data.grad_accum) + np.shape(v)[1:])
-                 for k, v in batch.items()}
+        micro = {k: np.asarray(v).reshape((data.grad_accum, -1) + np.shape(v)[1:]) for k, v in batch.items()}
         return {k: jax.make_array_from_process_local_data(batch_sharding, v, micro_shape + v.shape[3:])
                 for k, v in micro.items()}
 

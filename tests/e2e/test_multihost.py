@@ -214,13 +214,13 @@ def test_two_processes_match_one(base_runs):
     p0, p1 = base_runs["results"][1]
     assert "sample (greedy)" in p0["out"] and "sample (greedy)" not in p1["out"]
     two_dir = base_runs["two"]
-    # Each process keeps its own log and its own data-iterator state; only process 0 writes metrics.
+    # Each process keeps its own log and saves its data shard's state; only process 0 writes metrics.
     for i in range(2):
         text = (two_dir / "logs" / f"process_{i}.log").read_text()
         assert f"process {i} of 2" in text and "4 local / 8 global devices" in text
-        assert (two_dir / "checkpoints" / "4" / "data_iter" / f"process_{i}-of-2").is_dir()
+        assert (two_dir / "checkpoints" / "4" / "data_iter" / f"shard_{i}-of-2").is_dir()
     saved = os.listdir(base_runs["one"] / "checkpoints" / "4" / "data_iter")
-    assert [n for n in saved if n.startswith("process_")] == ["process_0-of-1"]
+    assert [n for n in saved if n.startswith(("shard_", "process_"))] == ["shard_0-of-1"]
     out1 = base_runs["results"][1][1]["out"]
     assert "kinoe_jax.train: mesh" not in out1, "process 1's console should only carry warnings"
 
@@ -229,8 +229,9 @@ def test_two_processes_match_one(base_runs):
 def test_checkpoints_move_between_process_counts(base_runs):
     """2-process checkpoint -> 1 process (on another mesh), 1-process checkpoint -> 2 processes.
 
-    Both data streams restart (iterator state is per process count, with a warning), so the two
-    continuations see the same batches from the same restored parameters: their losses agree.
+    Each continues its own data stream (2 shards, or 1) from where it stopped. One row per example,
+    unshuffled: both streams give step s the same set of rows, so the two continuations see the
+    same batches from the same restored parameters and their losses agree.
     """
     one, two = base_runs["one"], base_runs["two"]
     results = wait_all([start(two, 1, 6, ["make_mesh.data = 2", "make_mesh.fsdp = 4"]), start(one, 2, 6)])
@@ -241,10 +242,12 @@ def test_checkpoints_move_between_process_counts(base_runs):
     np.testing.assert_allclose([a[5], a[6]], [b[5], b[6]], rtol=1e-5)
     # Restored, not re-initialised: a fresh model starts near ln(vocab) = 8.29.
     assert a[5] < a[1] - 1e-3
-    for log_file, missing in ((two / "logs" / "process_0.log", "process_0-of-1"),
-                              (one / "logs" / "process_1.log", "process_1-of-2")):
+    for log_file in (two / "logs" / "process_0.log", one / "logs" / "process_1.log"):
         text = log_file.read_text()
-        assert "data iterator state" in text and missing in text, f"no fallback warning in {log_file}"
+        assert "starts from its beginning" not in text and "restarts from its beginning" not in text, log_file
+    for workdir, count in ((two, 2), (one, 1)):  # the shard count of the run's start, kept
+        assert sorted(os.listdir(workdir / "checkpoints" / "6" / "data_iter")) == \
+            [f"shard_{i}-of-{count}" for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -290,26 +293,26 @@ def test_a_killed_process_stops_all_and_is_named(failed_runs):
 
 # ----------------------------------------------------------------------------- detection and launchers
 def test_multi_process_is_detected_from_flags_and_cluster_env(monkeypatch):
-    from kinoe_jax.parallel.multihost import DistributedConfig, _wants_distributed
+    from kinoe_jax.parallel.multihost import DistributedConfig, wants_distributed
 
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(var, raising=False)
-    assert _wants_distributed(DistributedConfig())[0] is False
-    assert _wants_distributed(DistributedConfig(num_processes=1))[0] is False
-    assert _wants_distributed(DistributedConfig(num_processes=2))[0] is True
-    assert _wants_distributed(DistributedConfig(coordinator_address="h:1"))[0] is True
+    assert wants_distributed(DistributedConfig())[0] is False
+    assert wants_distributed(DistributedConfig(num_processes=1))[0] is False
+    assert wants_distributed(DistributedConfig(num_processes=2))[0] is True
+    assert wants_distributed(DistributedConfig(coordinator_address="h:1"))[0] is True
     # Inside `srun` (JAX's SLURM detector reads these): more than one task means multi-process.
     for k, v in {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "0",
                  "SLURM_LOCALID": "0", "SLURM_NTASKS": "16"}.items():
         monkeypatch.setenv(k, v)
-    wanted, reason = _wants_distributed(DistributedConfig())
+    wanted, reason = wants_distributed(DistributedConfig())
     assert wanted and "16" in reason, reason
-    assert _wants_distributed(DistributedConfig(auto_detect=False))[0] is False
+    assert wants_distributed(DistributedConfig(auto_detect=False))[0] is False
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert _wants_distributed(DistributedConfig())[0] is False
+    assert wants_distributed(DistributedConfig())[0] is False
     with pytest.raises(ValueError, match="num_processes"):
-        _wants_distributed(DistributedConfig(num_processes=0))
+        wants_distributed(DistributedConfig(num_processes=0))
 
 
 def _clean_env():
