@@ -2,12 +2,15 @@
 
     python tools/bench/bench_accelerator.py [--batch_per_device=4] [--seq_len=2048] [--steps=10]
         [--out runs/bench_accelerator.json]
+    python tools/bench/bench_accelerator.py --smoke
 
 One short run on the attached accelerator (all local devices, FSDP mesh): the kinoe_1b preset in
 bf16 with each training attention this platform offers (the chip kernel and the blocked JAX
 attention), then an 8-expert top-2 MoE of the same active size with each dropless kernel. Every
 variant is compiled first, then timed in turns; MFU is tokens/s x (6N + 12LHQT) over the devices'
 dense bf16 peak (kinoe_jax/hardware/chips.py). It refuses to run on a CPU: these are accelerator numbers.
+--smoke: a toy model, two steps of each variant; on a CPU the chip kernels are left out and the blocked
+attention and the ragged MoE run instead, against a nominal 1 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 PRESET = "gin_configs/models/kinoe_1b.gin"
 KERNELS = {"gpu": {"attention": ("cudnn", "blocked"), "moe": ("ragged", "blocks")},
            "tpu": {"attention": ("splash", "blocked"), "moe": ("gmm", "ragged")}}
+CPU_SMOKE_KERNELS = {"attention": ("blocked",), "moe": ("ragged",)}
+SMOKE_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                   sliding_window=None, max_seq_len=64)
+RESULT_LINE = r"^\| dense attention=\S+ \| [0-9.]+ \| [0-9,]+ \| [0-9,]+ \| [0-9.]+% \|$"
 
 
-def variants(platform: str, base) -> dict:
-    out = {f"dense attention={a}": dataclasses.replace(base, attention_impl=a) for a in KERNELS[platform]["attention"]}
+def variants(platform: str, base, kernels: dict | None = None) -> dict:
+    kernels = kernels or KERNELS[platform]
+    out = {f"dense attention={a}": dataclasses.replace(base, attention_impl=a) for a in kernels["attention"]}
     moe = dataclasses.replace(base, intermediate_size=base.intermediate_size // 2, num_experts=8,
                               num_experts_per_tok=2)
-    out.update({f"moe8 top-2 moe_impl={m}": dataclasses.replace(moe, moe_impl=m) for m in KERNELS[platform]["moe"]})
+    out.update({f"moe8 top-2 moe_impl={m}": dataclasses.replace(moe, moe_impl=m) for m in kernels["moe"]})
     return out
 
 
@@ -84,7 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the card's dense bf16 peak")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch_per_device, args.seq_len, args.steps = 1, 64, 2
 
     from kinoe_jax.hardware import runtime as platform_lib
 
@@ -100,26 +112,34 @@ def main(argv=None) -> int:
     from kinoe_jax.parallel.rules import flax_rules
 
     backend = jax.default_backend()
-    if backend not in KERNELS:
+    kernels = KERNELS.get(backend)
+    if kernels is None and args.smoke:
+        kernels = CPU_SMOKE_KERNELS
+        print(f"smoke on {backend}: the GPU and TPU kernels are left out; the blocked attention and the ragged MoE "
+              "run instead, MFU against a nominal 1 TFLOP/s", flush=True)
+    elif kernels is None:
         raise SystemExit(f"bench_accelerator measures a GPU or TPU, and JAX sees only {backend!r} devices "
                          f"({jax.devices()[0].device_kind}); run it on an accelerator machine")
     kind = jax.devices()[0].device_kind
     chip = chip_for_device_kind(kind)
-    if chip is None and not args.peak_tflops:
+    if chip is None and not args.peak_tflops and not args.smoke:
         raise SystemExit(f"no peak FLOP/s known for {kind!r}: pass --peak_tflops")
-    peak = (args.peak_tflops or chip.peak_tflops) * 1e12
+    peak = (args.peak_tflops or (chip.peak_tflops if chip else 1.0)) * 1e12
     gin.clear_config()
     load_gin([PRESET], [])
     base = ModelConfig()
+    if args.smoke:
+        base = dataclasses.replace(base, **SMOKE_SHAPE)
     mesh = make_mesh(data=1, fsdp=-1, devices=jax.local_devices())
     n = mesh.size
     global_batch = args.batch_per_device * n
     tokens = global_batch * args.seq_len
-    print(f"{n} x {kind} ({backend}), peak {peak / 1e12:g} TFLOP/s each; kinoe_1b bf16, "
+    print(f"{n} x {kind} ({backend}), peak {peak / 1e12:g} TFLOP/s each; "
+          f"{'a toy model' if args.smoke else 'kinoe_1b'} bf16, "
           f"{global_batch} x {args.seq_len} tokens per step", flush=True)
 
     runs = {}
-    for name, cfg in variants(backend, base).items():
+    for name, cfg in variants(backend, base, kernels).items():
         try:
             step, state, batch, compile_s = build(cfg, mesh, global_batch, args.seq_len)
         except Exception as e:  # noqa: BLE001 - one kernel failing must not hide the others

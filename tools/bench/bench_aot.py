@@ -1,6 +1,6 @@
 """Ahead-of-time fit check of the model presets: compile times and per-device memory.
 
-    python tools/bench/bench_aot.py [--only mistral_7b] [--out runs/bench_aot.json]
+    python tools/bench/bench_aot.py [--only mistral_7b] [--out runs/bench_aot.json] [--smoke]
 
 Each configuration runs `python -m kinoe_jax.aot` in its own process (the simulated device count
 is fixed when JAX starts) and the figures are printed as a markdown table, per-device state next
@@ -27,7 +27,10 @@ CONFIGS = [
     ("mixtral_8x7b fsdp", "mixtral_8x7b", "fsdp", 8, 4096, 8, []),
     ("mixtral_8x7b fsdp", "mixtral_8x7b", "fsdp", 32, 4096, 32, []),
 ]
+# --smoke: one process of the same command on the tiny preset over 2 simulated devices.
+SMOKE_CONFIGS = [("tiny_ja fsdp", "tiny_ja", "fsdp", 2, 64, 2, [])]
 GIB = 1024 ** 3
+RESULT_LINE = r"^\| .+ \| \d+ \| \d+ x \d+ \| \d+ \(\d+\) \| .+ \| (yes|\*\*no\*\*) \| .+ \|$"
 
 
 def run_one(name, preset, mesh, devices, seq_len, batch, extra) -> dict:
@@ -66,13 +69,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="run only configurations whose name contains this")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    args = parser.parse_args(argv)
     rows = []
-    for cfg in CONFIGS:
+    for cfg in SMOKE_CONFIGS if args.smoke else CONFIGS:
         if args.only and args.only not in cfg[0]:
             continue
         rows.append(run_one(*cfg))

@@ -4,7 +4,7 @@ of plain masked softmax attention and against PyTorch's scaled_dot_product_atten
 Shapes of the training benchmark's layer (batch 8, sequence 512, 8 heads, 2 KV heads, head 64),
 fp32. Alternating rounds in ONE process; the ratios are the result.
 
-    python tools/bench/bench_attention.py [--rounds 5]
+    python tools/bench/bench_attention.py [--rounds 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 B, T, H, KV, D = 8, 512, 8, 2, 64
+CHUNKS = (0, 128)  # kinoe_jax's query chunk: 0 is the whole sequence at once
+# --smoke: the same runners at a size that compiles and runs in seconds.
+SMOKE_SHAPE = dict(B=2, T=64, H=4, KV=2, D=16, CHUNKS=(0, 32))
+RESULT_LINE = r"^kinoe_chunk0 .* ms  \(torch_sdpa / this: [0-9.]+x\)$"
 
 
 def jax_runners():
@@ -39,7 +43,7 @@ def jax_runners():
     mask = attention_mask(idx, idx, seg, seg, None)
     plain = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask))), argnums=(0, 1, 2)))
     out = {"plain_autodiff": lambda: jax.block_until_ready(plain(q, k, v))}
-    for chunk in (0, 128):
+    for chunk in CHUNKS:
         f = jax.jit(jax.grad(lambda q, k, v, c=chunk: jnp.sum(jnp.sin(causal_attention(q, k, v, seg, None, c))),
                              argnums=(0, 1, 2)))
         out[f"kinoe_chunk{chunk}"] = lambda f=f: jax.block_until_ready(f(q, k, v))
@@ -61,10 +65,15 @@ def torch_runner():
     return run
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        globals().update(SMOKE_SHAPE)
+        args.rounds = 1
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)

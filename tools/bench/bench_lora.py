@@ -11,7 +11,7 @@ adapter on q_proj alone, whose own cost is negligible: the bound LoRA's saving c
 shape on this machine (what is left of the step is the forward, the activation gradients,
 attention and the LM head's softmax).
 
-    python tools/bench/bench_lora.py [--model tiny_ja|hidden512] [--rounds 5] [--steps 3]
+    python tools/bench/bench_lora.py [--model tiny_ja|hidden512] [--rounds 5] [--steps 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 SEQ, BATCH = 512, 8
+# --smoke: the same three steps, one layer deep, on short rows: compiled and run in seconds.
+SMOKE_SHAPE = dict(SEQ=64, BATCH=2)
+RESULT_LINE = r"^\| LoRA rank 16, 7 projections \| \d+ \| [0-9,]+ \| [0-9.]+x \|$"
 
 
-def model_config(name: str):
+def model_config(name: str, layers: int | None = None):
     import gin
 
     from kinoe_jax.config.gin_io import load_gin
@@ -46,7 +49,7 @@ def model_config(name: str):
     if name == "hidden512":  # tools/bench/bench_train_vs_hf.py's model: matmuls weigh more
         cfg = dataclasses.replace(cfg, vocab_size=8000, hidden_size=512, intermediate_size=1408, num_layers=8,
                                   num_heads=8, num_kv_heads=2)
-    return cfg
+    return dataclasses.replace(cfg, num_layers=layers) if layers else cfg
 
 
 def build(cfg):
@@ -80,19 +83,24 @@ def build(cfg):
     return step, state, batch, mesh
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny_ja", choices=("tiny_ja", "hidden512"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        globals().update(SMOKE_SHAPE)
+        args.rounds, args.steps = 1, 1
 
     import flax.linen as nn
 
     from kinoe_jax.models.lora import LoraConfig
     from kinoe_jax.parallel.rules import flax_rules
 
-    full = model_config(args.model)
+    full = model_config(args.model, layers=1 if args.smoke else None)
     configs = {"full fine-tuning": full,
                "LoRA rank 16, 7 projections": dataclasses.replace(full, lora=LoraConfig(rank=16, alpha=32.0)),
                "bound: rank 1 on q_proj": dataclasses.replace(full, lora=LoraConfig(rank=1, alpha=2.0,

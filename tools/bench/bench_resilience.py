@@ -8,7 +8,7 @@ finiteness flag, the loss ceiling as an argument) and the host calls of the trai
 Both run in alternating rounds inside ONE process, so machine noise hits both alike; the ratio
 is the result.
 
-    python tools/bench/bench_resilience.py [--rounds 5] [--steps 10]
+    python tools/bench/bench_resilience.py [--rounds 5] [--steps 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV, FFN, SEQ, BATCH = 8000, 256, 4, 4, 2, 704, 256, 8
+# --smoke: the same steps and guard on a model that compiles and runs in seconds.
+SMOKE_SHAPE = dict(VOCAB=512, HIDDEN=64, LAYERS=2, HEADS=4, KV=2, FFN=128, SEQ=64, BATCH=2)
+RESULT_LINE = r"^guarded / plain = [0-9.]+$"
 
 
 def build(guarded: bool):
@@ -72,11 +75,16 @@ def build(guarded: bool):
     return step, state, batch
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        globals().update(SMOKE_SHAPE)
+        args.rounds, args.steps = 1, 2
 
     from kinoe_jax.training import checkpoint as ckpt
     from kinoe_jax.training.resilience import RunGuard

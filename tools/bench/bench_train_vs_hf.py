@@ -4,7 +4,7 @@ Same CPU, same threads, same model (vocab 8000, hidden 512, 8 layers, 8 heads, 2
 FFN 1408), sequence 512, batch 8, fp32, AdamW. The two frameworks are timed in alternating
 rounds inside ONE process so that machine noise hits both alike; the ratio is the result.
 
-    python tools/bench/bench_train_vs_hf.py [--rounds 5] [--steps 3] [--variants] [--matmuls]
+    python tools/bench/bench_train_vs_hf.py [--rounds 5] [--steps 3] [--variants] [--matmuls] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV, FFN, SEQ, BATCH = 8000, 512, 8, 8, 2, 1408, 512, 8
+# --smoke: the same two steps on a model that compiles and runs in seconds.
+SMOKE_SHAPE = dict(VOCAB=512, HIDDEN=64, LAYERS=2, HEADS=4, KV=2, FFN=128, SEQ=64, BATCH=2)
+RESULT_LINE = r"^ratio kinoe_jax / hf_torch: [0-9.]+x$"
 
 
 def kinoe_step(scan_layers: bool = True, remat_policy: str = "dots_no_batch"):
@@ -138,14 +141,19 @@ def matmul_shapes() -> None:
         print(f"  [{m}x{k}] x [{k}x{n}]: " + ",  ".join(rows))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per framework per round")
     parser.add_argument("--matmuls", action="store_true", help="also compare matmul speed on the model's shapes")
     parser.add_argument("--variants", action="store_true",
                         help="also time kinoe_jax without rematerialisation and with layers unrolled")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        globals().update(SMOKE_SHAPE)
+        args.rounds, args.steps = 1, 1
 
     import torch
 
@@ -168,7 +176,7 @@ def main():
             for _ in range(args.steps):
                 run()
             times[name].append((time.perf_counter() - s) / args.steps)
-    jax_peak, torch_peak = matmul_peaks()
+    jax_peak, torch_peak = matmul_peaks(256 if args.smoke else 2048)
     if args.matmuls:
         matmul_shapes()
     tokens = BATCH * SEQ
