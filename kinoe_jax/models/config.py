@@ -12,7 +12,7 @@ from kinoe_jax.models import lora as lora_lib
 from kinoe_jax.models.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload", "offload_dots_no_batch")
 MOE_IMPLS = ("auto", "blocks", "ragged", "gmm", "dense")
 ATTENTION_IMPLS = ("auto", "blocked", "splash", "cudnn")
 MATMUL_DTYPES = ("default", "fp8", "int8")
@@ -45,11 +45,17 @@ class ModelConfig:
     # Splash attention's query and key/value tiles (capped at the sequence; multiples of 128).
     attention_block_q: int = 512
     attention_block_kv: int = 512
+    # Splash's backward (dq, dkv) tiles; 0: the forward's.
+    attention_block_q_dkv: int = 0
+    attention_block_kv_dkv: int = 0
     # Parameters stay fp32; activations and matmuls run in this dtype.
     dtype: str = "float32"
     # Projection, MLP and expert matmuls: default (in `dtype`) | fp8 (H100/H200) | int8 (TPU
     # v5e/v5p/v6e); kinoe_jax/models/quant.py says which matmuls and how they are scaled.
     matmul_dtype: str = "default"
+    # Rematerialisation of each layer: none | full (keep nothing) | dots | dots_no_batch (keep the
+    # matmul outputs) | offload (the layer input and q/k/v/o projections kept in host memory,
+    # the rest recomputed) | offload_dots_no_batch (those offloaded, other matmuls kept).
     remat_policy: str = "none"
     # Training losses take log p(target) from the LM head this many positions at a time, never
     # holding all the logits (kinoe_jax/models/lm_head.py); 0: materialise them (the reference).
@@ -105,6 +111,9 @@ class ModelConfig:
         for name in ("attention_block_q", "attention_block_kv"):
             if getattr(self, name) < 128 or getattr(self, name) % 128:
                 problems.append(f"{name} {getattr(self, name)} must be a positive multiple of 128")
+        for name in ("attention_block_q_dkv", "attention_block_kv_dkv"):
+            if getattr(self, name) < 0 or getattr(self, name) % 128:
+                problems.append(f"{name} {getattr(self, name)} must be 0 (the forward's) or a positive multiple of 128")
         if self.lm_head_chunk < 0:
             problems.append(f"lm_head_chunk {self.lm_head_chunk} must be >= 0 (0: all logits at once)")
         if self.moe_impl not in MOE_IMPLS:

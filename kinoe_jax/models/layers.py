@@ -21,6 +21,8 @@ from kinoe_jax.models.config import ModelConfig
 
 # The remat name of an adapted projection's output (decoder.REMAT's dots policies keep it).
 LORA_OUTPUT = "lora_output"
+# Remat names of attention's projections (the offload policies move them to host memory).
+QKVO_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj")
 
 
 def _init(cfg: ModelConfig, axes):
@@ -120,6 +122,7 @@ class Attention(nn.Module):
         q = Proj((h, d), ("embed", "heads", "head_dim"), cfg, lora_enabled=on, name="q_proj")(x)
         k = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, lora_enabled=on, name="k_proj")(x)
         v = Proj((kv, d), ("embed", "kv_heads", "head_dim"), cfg, lora_enabled=on, name="v_proj")(x)
+        q, k, v = (checkpoint_name(a, n) for a, n in zip((q, k, v), QKVO_NAMES))
         q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
 
@@ -132,8 +135,9 @@ class Attention(nn.Module):
                    else attend(q, ck, cv, attention_mask(q_idx, k_idx, q_seg, k_seg, cfg.sliding_window)))
         else:
             out = training_attention(q, k, v, segment_ids, cfg)  # the kernel for the mesh's platform
-        return Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, lora_enabled=self.lora_enabled,
-                    name="o_proj")(out)
+        out = Proj((cfg.hidden_size,), ("heads", "head_dim", "embed"), cfg, contract=2, lora_enabled=self.lora_enabled,
+                   name="o_proj")(out)
+        return checkpoint_name(out, QKVO_NAMES[3])
 
     def _update_cache(self, k, v, segment_ids):
         """Append this call's keys/values at cache_index (prefill: many tokens, decode: one)."""

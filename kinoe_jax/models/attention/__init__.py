@@ -44,7 +44,8 @@ def training_attention(q, k, v, segment_ids, cfg):
         from kinoe_jax.models.attention.splash import splash_attention  # noqa: PLC0415
 
         return splash_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_block_q,
-                                cfg.attention_block_kv)
+                                cfg.attention_block_kv, block_q_dkv=cfg.attention_block_q_dkv,
+                                block_kv_dkv=cfg.attention_block_kv_dkv)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids, cfg.sliding_window)
     return causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_chunk)

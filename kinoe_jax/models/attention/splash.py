@@ -46,11 +46,13 @@ def _mask(seq_len: int, window):
 
 
 def make_kernel(seq_len: int, num_heads: int, window, block_q: int, block_kv: int, head_shards: int,
-                length_shards: int, interpret: bool):
+                length_shards: int, interpret: bool, block_q_dkv: int | None = None, block_kv_dkv: int | None = None):
     """The kernel and its block tables for one shape. The tables are computed in numpy and
-    cached by the Pallas library itself; here they become constants of the trace."""
+    cached by the Pallas library itself; here they become constants of the trace. The backward
+    (fused dq/dkv) tiles default to the forward's."""
+    bq_dkv, bkv_dkv = block_q_dkv or block_q, block_kv_dkv or block_kv
     blocks = sa.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                           block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                           block_q_dkv=bq_dkv, block_kv_dkv=bkv_dkv, block_kv_dkv_compute=bkv_dkv,
                            use_fused_bwd_kernel=True)
     mask = sa.MultiHeadMask([_mask(seq_len, window)] * num_heads)
     return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=head_shards, q_seq_shards=length_shards,
@@ -58,12 +60,15 @@ def make_kernel(seq_len: int, num_heads: int, window, block_q: int, block_kv: in
 
 
 def splash_attention(q, k, v, segment_ids, sliding_window=None, block_q: int = 512, block_kv: int = 512,
-                     interpret: bool | None = None, rules=sharded.LOGICAL_AXIS_RULES):
+                     interpret: bool | None = None, rules=sharded.LOGICAL_AXIS_RULES, block_q_dkv: int = 0,
+                     block_kv_dkv: int = 0):
     """q [b, t, h, d]; k, v [b, t, kv, d]; segment_ids [b, t] -> [b, t, h, d] (q's dtype).
 
-    `rules` is the logical-axis table that splits it over the mesh (tests try others)."""
+    `rules` is the logical-axis table that splits it over the mesh (tests try others);
+    block_q_dkv / block_kv_dkv are the backward's tiles (0: the forward's)."""
     b, t, h, d = q.shape
     bq, bkv = block_sizes_for(t, block_q, block_kv)
+    bq_dkv, bkv_dkv = block_sizes_for(t, block_q_dkv or bq, block_kv_dkv or bkv)
     mesh = sharded.current_mesh()
     if interpret is None:
         interpret = mesh_platform() != "tpu"
@@ -71,7 +76,8 @@ def splash_attention(q, k, v, segment_ids, sliding_window=None, block_q: int = 5
         split = sharded.Split(None, None, None, 1, 1)
     else:
         split = sharded.plan(q.shape, k.shape[2], mesh, rules)
-    kernel = make_kernel(t, h, sliding_window, bq, bkv, split.head_shards, split.length_shards, interpret)
+    kernel = make_kernel(t, h, sliding_window, bq, bkv, split.head_shards, split.length_shards, interpret,
+                         bq_dkv, bkv_dkv)
     scale = d ** -0.5
 
     def per_device(q, k, v, seg_q, seg_kv, kernel):
