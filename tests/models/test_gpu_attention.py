@@ -74,3 +74,6 @@ def test_accelerator_benchmark_refuses_a_cpu():
     names = list(bench.variants("gpu", ModelConfig(hidden_size=2048, intermediate_size=5632, num_heads=16)))
     assert names == ["dense attention=cudnn", "dense attention=blocked", "moe8 top-2 moe_impl=ragged",
                      "moe8 top-2 moe_impl=blocks"]
+    cfg = ModelConfig(hidden_size=2048, intermediate_size=5632, num_heads=16)
+    low = {n: c.matmul_dtype for n, c in bench.variants("gpu", cfg, matmul_modes=("fp8",)).items()}
+    assert low["dense matmul_dtype=fp8"] == low["moe8 top-2 moe_impl=ragged matmul_dtype=fp8"] == "fp8"

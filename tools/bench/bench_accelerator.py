@@ -6,7 +6,8 @@
 
 One short run on the attached accelerator (all local devices, FSDP mesh): the kinoe_1b preset in
 bf16 with each training attention this platform offers (the chip kernel and the blocked JAX
-attention), then an 8-expert top-2 MoE of the same active size with each dropless kernel. Every
+attention), then an 8-expert top-2 MoE of the same active size with each dropless kernel, then the
+low-precision matmuls the chip has (fp8 on H100/H200, int8 on TPU v5e/v5p/v6e). Every
 variant is compiled first, then timed in turns; MFU is tokens/s x (6N + 12LHQT) over the devices'
 dense bf16 peak (kinoe_jax/hardware/chips.py). It refuses to run on a CPU: these are accelerator numbers.
 --smoke: a toy model, two steps of each variant; on a CPU the chip kernels are left out and the blocked
@@ -34,12 +35,18 @@ SMOKE_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_la
 RESULT_LINE = r"^\| dense attention=\S+ \| [0-9.]+ \| [0-9,]+ \| [0-9,]+ \| [0-9.]+% \|$"
 
 
-def variants(platform: str, base, kernels: dict | None = None) -> dict:
+def variants(platform: str, base, kernels: dict | None = None, matmul_modes: tuple = ()) -> dict:
+    """Each attention kernel, each MoE kernel, then each low-precision matmul mode the chip has
+    (ModelConfig.matmul_dtype) on the dense model and on the first MoE kernel."""
     kernels = kernels or KERNELS[platform]
     out = {f"dense attention={a}": dataclasses.replace(base, attention_impl=a) for a in kernels["attention"]}
     moe = dataclasses.replace(base, intermediate_size=base.intermediate_size // 2, num_experts=8,
                               num_experts_per_tok=2)
     out.update({f"moe8 top-2 moe_impl={m}": dataclasses.replace(moe, moe_impl=m) for m in kernels["moe"]})
+    for mode in matmul_modes:
+        out[f"dense matmul_dtype={mode}"] = dataclasses.replace(base, matmul_dtype=mode)
+        out[f"moe8 top-2 moe_impl={kernels['moe'][0]} matmul_dtype={mode}"] = dataclasses.replace(
+            moe, moe_impl=kernels["moe"][0], matmul_dtype=mode)
     return out
 
 
@@ -105,7 +112,7 @@ def main(argv=None) -> int:
     import gin
     import jax
 
-    from kinoe_jax.hardware.chips import chip_for_device_kind
+    from kinoe_jax.hardware.chips import chip_for_device_kind, low_precision_modes
     from kinoe_jax.config.gin_io import load_gin
     from kinoe_jax.models import ModelConfig
     from kinoe_jax.parallel.mesh import make_mesh
@@ -139,7 +146,8 @@ def main(argv=None) -> int:
           f"{global_batch} x {args.seq_len} tokens per step", flush=True)
 
     runs = {}
-    for name, cfg in variants(backend, base, kernels).items():
+    modes = () if args.smoke or chip is None else low_precision_modes(chip)
+    for name, cfg in variants(backend, base, kernels, modes).items():
         try:
             step, state, batch, compile_s = build(cfg, mesh, global_batch, args.seq_len)
         except Exception as e:  # noqa: BLE001 - one kernel failing must not hide the others
