@@ -122,8 +122,8 @@ class SpikeGuard:
                        f"{to_step + policy.lr_steps}")
         plan.rollbacks.append({
             "detected_at_step": spike.step, "onset_step": spike.onset, "to_checkpoint": to_step,
-            "batches": [first, last], "new_batches": len(new), "loss": spike.loss, "loss_mean": spike.loss_mean,
-            "loss_std": spike.loss_std, "z": spike.z,
+            "batches": [first, last], "new_batches": len(new), "loss": spike.loss, "loss_expected": spike.loss_expected,
+            "loss_spread": spike.loss_spread, "z": spike.z,
             "update_ratio_factor": None if np.isnan(spike.ratio_factor) else spike.ratio_factor})
         self.manager.wait_until_finished()
         for s in self.manager.all_steps():  # they hold the spike: a resume must not pick them

@@ -3,7 +3,10 @@ only partway, is told apart from the noise of a healthy run.
 
 Two signals, each judged against a running window of applied steps:
 
-  loss           z = (loss - mean) / max(std, min_std) over the window
+  loss           z = (loss - expected) / max(spread, min_std), where `expected` is the window's
+                 straight-line trend carried one step on and `spread` the std of the window
+                 around that line: a falling loss (early training, a decay) neither hides a
+                 spike in its own spread nor looks like one
   update ratio   (update_norm / param_norm) / learning_rate, against the window's mean: an Adam
                  update far larger than usual for its learning rate (it often comes first)
 
@@ -30,16 +33,16 @@ class Spike:
     onset: int
     step: int
     loss: float
-    loss_mean: float
-    loss_std: float
+    loss_expected: float
+    loss_spread: float
     z: float
     ratio_factor: float  # the update ratio over its window mean (nan when unknown)
     window: int
 
     def describe(self) -> str:
         ratio = "" if np.isnan(self.ratio_factor) else f", update/param ratio {self.ratio_factor:.1f}x its mean"
-        return (f"loss {self.loss:.4f} vs mean {self.loss_mean:.4f} ± {self.loss_std:.4f} of the last "
-                f"{self.window} steps (z {self.z:.1f}){ratio}, anomalous since step {self.onset}")
+        return (f"loss {self.loss:.4f} vs {self.loss_expected:.4f} ± {self.loss_spread:.4f} expected from the "
+                f"last {self.window} steps (z {self.z:.1f}){ratio}, anomalous since step {self.onset}")
 
 
 @gin.configurable
@@ -80,8 +83,8 @@ class SpikeDetector:
             self._keep(loss, ratio)
             return None
         a = np.asarray(self.losses, np.float64)
-        mean, std = float(a.mean()), float(a.std())
-        z = (loss - mean) / max(std, self.min_std)
+        expected, spread = _trend(a)
+        z = (loss - expected) / max(spread, self.min_std)
         factor = float("nan")
         if ratio is not None and self.ratios:
             factor = ratio / max(float(np.mean(self.ratios)), 1e-30)
@@ -90,7 +93,7 @@ class SpikeDetector:
             self._keep(loss, ratio)
             return None
         self.run.append(step)
-        spike = Spike(self.run[0], step, float(loss), mean, std, float(z), factor, len(a))
+        spike = Spike(self.run[0], step, float(loss), expected, spread, float(z), factor, len(a))
         if self.worst is None or spike.z > self.worst.z:
             self.worst = spike
         if len(self.run) < self.confirm_steps:
@@ -103,3 +106,10 @@ class SpikeDetector:
         self.losses.append(float(loss))
         if ratio is not None:
             self.ratios.append(ratio)
+
+
+def _trend(a: np.ndarray) -> tuple[float, float]:
+    """The least-squares line through the window, one step past its end, and the std around it."""
+    t = np.arange(len(a), dtype=np.float64)
+    slope, intercept = np.polyfit(t, a, 1)
+    return float(intercept + slope * len(a)), float(np.std(a - (intercept + slope * t)))
