@@ -32,10 +32,12 @@ class Faults:
     slow_commit_from: int | None = None  # the n-th and later async saves wait before committing
     slow_commit_s: float = 60.0
     # Batches number `poison_batches_from` .. + count - 1 of the data stream (1-based, counted as
-    # drawn, so skipped ones count too) get their targets shuffled across the batch: the loss
-    # spikes, yet stays finite; the spike detector's test.
+    # drawn, so skipped ones count too) get random targets: the loss spikes, yet stays finite.
     poison_batches_from: int | None = None
     poison_batches_count: int = 1
+    # The process takes a preemption notice once it has run this many steps (counted in this
+    # process, so the resumed run, which starts later, does not stop again at the same count).
+    preempt_after_steps: int | None = None
 
     def poison_grads(self, grads, step):
         """Traced: NaN gradients from `nan_grad_at_step` (`step` is the state's 0-based counter)."""
@@ -60,10 +62,10 @@ class Faults:
         first = self.poison_batches_from
         if first is None or not first <= position < first + self.poison_batches_count:
             return batch
-        log.warning("fault injection: shuffling the targets of batch %d", position)
+        log.warning("fault injection: random targets in batch %d", position)
         targets = np.asarray(batch["decoder_target_tokens"])
-        shuffled = np.random.default_rng(position).permutation(targets.reshape(-1)).reshape(targets.shape)
-        return dict(batch, decoder_target_tokens=shuffled.astype(targets.dtype))
+        noise = np.random.default_rng(position).integers(1, max(int(targets.max()), 1) + 1, targets.shape)
+        return dict(batch, decoder_target_tokens=np.where(targets > 0, noise, targets).astype(targets.dtype))
 
     def async_options(self, async_save: bool):
         """Orbax AsyncOptions whose hook runs after the files are written, before the commit."""

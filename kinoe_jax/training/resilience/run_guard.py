@@ -70,6 +70,7 @@ class RunGuard:
         self.last_step: int | None = None
         self.last_loss: float | None = None
         self._pending: collections.deque = collections.deque()
+        self._steps_run = 0  # in this process: faults.preempt_after_steps counts these
         self._wandb_run = None
         self.discarded = discard_unfinished(self.disk.directory) if self.disk.local else []
 
@@ -157,7 +158,8 @@ class RunGuard:
 
     def should_stop(self, step: int) -> bool:
         """Call at every step on every process: they all answer the same."""
-        preempted = self.preemption.requested(step)
+        self._steps_run += 1
+        preempted = self.preemption.requested(step) or self._steps_run == self.faults.preempt_after_steps
         if self.stop_reason is None and preempted:
             self.stop_reason = "preempted"
         if self.stop_reason is None and self.steps.should_halt():
