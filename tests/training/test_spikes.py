@@ -197,12 +197,16 @@ def test_the_cursor_moves_past_skipped_batches_and_records_each_once(tmp_path):
     assert len((tmp_path / SKIPPED_FILE).read_text().splitlines()) == 2
 
 
-def test_poisoned_batches_keep_their_tokens_in_another_order():
+def test_poisoned_batches_get_random_targets_where_there_are_targets():
     faults = Faults(poison_batches_from=2, poison_batches_count=1)
-    batch = {"decoder_target_tokens": np.arange(32, dtype=np.int32).reshape(4, 8)}
+    targets = np.arange(1, 33, dtype=np.int32).reshape(4, 8)
+    targets[:, -2:] = 0  # padding stays padding
+    batch = {"decoder_target_tokens": targets}
     assert faults.poison_batch(batch, 1) is batch
     poisoned = faults.poison_batch(batch, 2)["decoder_target_tokens"]
-    assert sorted(poisoned.ravel()) == list(range(32)) and not np.array_equal(poisoned, batch["decoder_target_tokens"])
+    assert (poisoned[:, -2:] == 0).all() and poisoned[:, :-2].min() >= 1 and poisoned.max() <= 30
+    assert not np.array_equal(poisoned, targets)
+    assert np.array_equal(poisoned, faults.poison_batch(batch, 2)["decoder_target_tokens"])  # deterministic
 
 
 # ----------------------------------------------------------------------------- the rollback decision
@@ -263,3 +267,16 @@ def test_past_the_rollback_limit_the_run_halts_with_a_verdict(tmp_path):
     assert guard.rollback_target() is None
     assert "SpikeRollback.max_rollbacks = 0" in guard.verdict and "\n" not in guard.verdict
     assert not os.path.exists(tmp_path / "spike_rollbacks.json")
+
+
+def test_the_loss_plot_gains_the_update_norm_panel(tmp_path):
+    from kinoe_jax.training.metrics_writer import plot_loss
+
+    rows = [{"step": s, "loss": 5.0 - 0.01 * s, "update_norm": 0.1, "stats/mlp/update_norm": 0.05} for s in range(1, 30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rolled_back_metrics.jsonl").write_text(json.dumps({"step": 25, "loss": 9.0, "rollback": 1}) + "\n")
+    path = plot_loss(str(tmp_path))
+    from PIL import Image
+
+    with Image.open(path) as image:  # three panels would be wider still; one panel is about 7 inches
+        assert image.size[0] > 1.6 * image.size[1]
