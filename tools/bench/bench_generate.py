@@ -41,6 +41,8 @@ runtime.setup()  # the platform settled and accelerators hidden from TensorFlow,
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+RESULT_LINE = r"^ratio engine / transformers: [0-9.]+x"
+
 
 def model_config(preset: str):
     from kinoe_jax.config.gin_io import load_gin

@@ -3,6 +3,7 @@ against all cores, and the CPU cost of each filter.
 
     python tools/bench/bench_prepare_corpus.py [--size_mb=110] [--workers=N] [--rounds=R]
         [--baseline_tool=OTHER_CHECKOUT/tools/prepare_corpus.py] [--cost_docs=3000]
+    python tools/bench/bench_prepare_corpus.py --smoke
 
 Generates a synthetic Japanese-like corpus in a temporary directory: documents
 assembled from template sentences with random slot fillers (so they are
@@ -21,6 +22,9 @@ pages with contact details. It then runs the tool on it with:
 Each variant runs --rounds times, alternating, and the fastest run is shown.
 Last, every filter, the masking and the MinHash signature are timed alone
 on --cost_docs documents in this process, as CPU time per document.
+
+--smoke runs the defaults alone (1 and 2 workers) on a corpus of a few hundred kilobytes, and the
+per-step costs on 30 documents: seconds, to show that the benchmark works.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "prepare_corpus.py"
 sys.path.insert(0, str(REPO))
+RESULT_LINE = r"^\| defaults \| 1 \| [0-9.]+ \| [0-9,]+ \|"
 
 # Config overrides of each variant (merged over default_config.yaml).
 BEFORE = """
@@ -272,7 +277,7 @@ def clean_text_drops() -> None:
             print(f"| {reason} | {'yes' if boundary else 'no'} | {sum(words.values())} | {shown} |")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size_mb", type=float, default=110.0)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
@@ -280,7 +285,10 @@ def main() -> None:
     p.add_argument("--baseline_tool", type=Path, help="another checkout's tools/prepare_corpus.py to time too")
     p.add_argument("--cost_docs", type=int, default=3000, help="documents for the per-step cost table (0: skip)")
     p.add_argument("--tmp_dir", default=None, help="where to generate the corpus (default: system temp)")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="the defaults on a tiny corpus: shows that the benchmark runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size_mb, args.workers, args.rounds, args.cost_docs = 0.3, 2, 1, 30
 
     root = Path(tempfile.mkdtemp(prefix="bench_prepare_corpus-", dir=args.tmp_dir))
     try:
@@ -292,6 +300,8 @@ def main() -> None:
         variants = [("defaults", TOOL, 1, ""), ("defaults", TOOL, args.workers, ""),
                     ("before (0.8, 9x13 bands, no hojichar, no masking)", TOOL, 1, BEFORE),
                     ("defaults + violence + adult", TOOL, 1, ALL_HOJICHAR)]
+        if args.smoke:
+            variants = variants[:2]
         if args.baseline_tool:
             variants.append((f"baseline {args.baseline_tool}", args.baseline_tool.resolve(), 1, ""))
         best: dict[int, dict] = {}

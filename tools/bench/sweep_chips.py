@@ -2,6 +2,7 @@
 batch, each compiled by the chip's own compiler (python -m kinoe_jax.aot --target=...).
 
     python tools/bench/sweep_chips.py --out runs/sweep_chips.json [--only mistral_7b] [--table]
+    python tools/bench/sweep_chips.py --smoke   # one tiny row, compiled by libtpu, kept nowhere
 
 Every configuration is one `kinoe_jax.aot` process (a compile frees its memory when the process
 ends); results are appended to --out as they come (rewritten atomically), and a rerun skips the
@@ -74,6 +75,10 @@ PLAN = [
     ("kinoe_9b", 4096, "v6e-16", "full", "auto", 2),
     ("kinoe_9b", 4096, "v6e-16", "full", "auto", 2, "int8"),
 ]
+
+# --smoke: the same process and table for one row that compiles in seconds.
+SMOKE_PLAN = [("tiny_ja", 128, "v5p-8", "full", "auto", 1)]
+RESULT_LINE = r"^\| \S+ \| \d+ \| \S+ \| \S+ \| .+ \| \d+ \| (yes|\*\*no\*\*) \| "
 
 
 def key(row) -> str:
@@ -170,23 +175,34 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="results JSON (appended to, rewritten atomically)")
+    parser.add_argument("--out", default=None, help="results JSON (appended to, rewritten atomically)")
     parser.add_argument("--only", default=None, help="only rows whose key contains this")
     parser.add_argument("--table", action="store_true", help="print the table of --out and stop")
-    args = parser.parse_args()
-    rows = load(args.out)
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny row, its results kept only in --out if given: shows that the sweep runs")
+    args = parser.parse_args(argv)
+    if args.out is None and not args.smoke:
+        parser.error("the following arguments are required: --out")
+    if args.out is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return sweep(os.path.join(tmp, "sweep.json"), SMOKE_PLAN, args.only)
     if args.table:
-        print(table(rows))
+        print(table(load(args.out)))
         return 0
-    for row in PLAN:
-        rows = load(args.out)  # read again: rows may have been added since
-        if key(row) in {r["key"] for r in rows} or (args.only and args.only not in key(row)):
+    return sweep(args.out, SMOKE_PLAN if args.smoke else PLAN, args.only)
+
+
+def sweep(out: str, plan: list, only: str | None) -> int:
+    rows = load(out)
+    for row in plan:
+        rows = load(out)  # read again: rows may have been added since
+        if key(row) in {r["key"] for r in rows} or (only and only not in key(row)):
             continue
         result = run_one(row)
-        rows = load(args.out) + [result]
-        save(args.out, rows)
+        rows = load(out) + [result]
+        save(out, rows)
         status = result.get("error") or result.get("compiler_error") or (
             f"{result['total_bytes'] / GIB:.1f} GiB, fits {result['fits']}, {result['compile_s']:.0f} s compile")
         print(f"{key(row)}: {status}", flush=True)
