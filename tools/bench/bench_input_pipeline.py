@@ -1,7 +1,7 @@
 """Is the input pipeline ever what the training step waits for?
 
     python tools/bench/bench_input_pipeline.py [--batches=200] [--train_steps=40] [--chip=h100] [--mfu=0.4]
-                                               [--devices_per_host=8] [--seq_len_7b=2048]
+                                               [--devices_per_host=8] [--seq_len_7b=2048] [--smoke]
 
 In one process, side by side:
   1. what the tiny main job (gin_configs/runs/tiny_ja.gin) consumes: tokens/s of its real training
@@ -41,13 +41,14 @@ from kinoe_jax.models import ModelConfig  # noqa: E402
 
 TINY_RUN = os.path.join(REPO, "gin_configs", "runs", "tiny_ja.gin")
 MODEL_7B = os.path.join(REPO, "gin_configs", "models", "mistral_7b.gin")
+RESULT_LINE = r"^tiny main job consumes [0-9,]+ tokens/s on this machine$"
 
 
-def tiny_step_consumption(steps: int) -> float:
+def tiny_step_consumption(steps: int, log_every: int = 10) -> float:
     """Tokens/s of the tiny main job's own loop (median of its logged intervals after the first)."""
     with tempfile.TemporaryDirectory() as work:
         gin.clear_config()
-        load_gin([TINY_RUN], [f"train.total_steps = {steps}", "train.log_every = 10", "train.eval_every = 0",
+        load_gin([TINY_RUN], [f"train.total_steps = {steps}", f"train.log_every = {log_every}", "train.eval_every = 0",
                               "train.sample_prompt = ''", "MetricsWriter.use_wandb = False",
                               "MetricsWriter.progress = False", f"CheckpointConfig.save_every = {steps * 10}"])
         train_lib.train(work)
@@ -55,7 +56,7 @@ def tiny_step_consumption(steps: int) -> float:
     gin.clear_config()
     rates = [r["tokens_per_sec"] for r in rows[1:]]
     if not rates:
-        raise SystemExit(f"--train_steps={steps} is too few: need at least 20 to leave out compilation")
+        raise SystemExit(f"--train_steps={steps} is too few: need at least {2 * log_every} to leave out compilation")
     return statistics.median(rates)
 
 
@@ -94,9 +95,13 @@ def main(argv=None):
     parser.add_argument("--seq_len_7b", type=int, default=2048)
     parser.add_argument("--rows_7b", type=int, default=8, help="rows per batch at the 7B sequence length")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batches, args.train_steps, args.seq_len_7b, args.rows_7b = 3, 3, 256, 2
 
-    tiny_need = tiny_step_consumption(args.train_steps)
+    tiny_need = tiny_step_consumption(args.train_steps, log_every=1 if args.smoke else 10)
     need_7b, flops_7b, n_7b = consumption_7b(args.chip, args.mfu, args.devices_per_host, args.seq_len_7b)
 
     gin.clear_config()
