@@ -84,10 +84,10 @@ def test_a_poisoned_tiny_ja_run_rolls_back_skips_and_recovers(tiny_ja_runs):
     recorded = _rows(poisoned, "skipped_data.jsonl")
     assert {r["batch"] for r in recorded} == set(plan["skipped"])
     assert all(len(r["fingerprint"]) == 16 and r["skipped_before_step"] <= r["batch"] for r in recorded)
-    # The spike stayed finite: no step was skipped by the non-finite guard.
-    discarded = _rows(poisoned, "rolled_back_metrics.jsonl")
-    assert discarded and all(np.isfinite(r["loss"]) for r in discarded)
-    assert max(r["loss"] for r in discarded) > max(r["loss"] for r in _rows(poisoned) if r["step"] > 50)
+    # The spike stayed finite and no step was skipped: only the detector could catch it.
+    assert np.isfinite(first["loss"]) and first["z"] > 5
+    assert _rows(poisoned)[-1]["nonfinite_steps"] == 0 and _rows(poisoned)[-1]["skipped_steps"] == 0
+    assert _rows(poisoned, "rolled_back_metrics.jsonl")  # the discarded timeline, kept for the forensics
     alerts = [a for a in _rows(poisoned, "alerts.jsonl") if a["kind"] == "rollback"]
     assert alerts and f"step {first['detected_at_step']}" in alerts[0]["text"]
     assert f"checkpoint step {first['to_checkpoint']}" in alerts[0]["text"]
