@@ -1,6 +1,6 @@
 """Training-step cost of the sparse MoE against a dense model with the same active parameters.
 
-    python tools/bench/bench_moe.py [--batch=16] [--seq_len=128] [--rounds=7]
+    python tools/bench/bench_moe.py [--batch=16] [--seq_len=128] [--rounds=7] [--smoke]
     python tools/bench/bench_moe.py --target=v5p-16 [--impls=ragged,gmm] [--layers=2] [--per_device=1]
 
 Every model has the tiny_ja shapes (hidden 256, 4 layers, vocab 4000); the dense one has an FFN
@@ -44,6 +44,10 @@ from kinoe_jax.training.step import make_train_step  # noqa: E402
 BASE = ModelConfig(vocab_size=4000, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
                    num_kv_heads=2, max_seq_len=512)
 EXPERT_FFN = 352
+# --smoke: the dense model and moe8, one layer of toy width, so that both compile and step in seconds.
+SMOKE_SHAPE = dict(BASE=dataclasses.replace(BASE, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=1,
+                                            max_seq_len=64), EXPERT_FFN=64)
+RESULT_LINE = r"^\| moe8 \| 8 \| \S+ \| \d+ \| [0-9,]+ \| [0-9.]+x \|$"
 
 
 def variants(impls: list[str]) -> dict[str, ModelConfig]:
@@ -115,7 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument("--target_seq_len", type=int, default=4096, help="with --target: sequence length")
     parser.add_argument("--per_device", type=int, default=1, help="with --target: sequences per device")
     parser.add_argument("--moe_block_size", type=int, default=64, help="with --target: rows per block of 'blocks'")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
     args = parser.parse_args(argv)
+    if args.smoke:
+        globals().update(SMOKE_SHAPE)
+        args.batch, args.seq_len, args.rounds = 2, 32, 1
     if args.target:
         compiled_on(args.target, args.impls.split(","), args.layers, args.target_seq_len, args.per_device,
                     args.moe_block_size)
@@ -124,6 +133,8 @@ def main(argv=None) -> None:
     chosen = default_impl()
     others = [i for i in ("dense", "ragged", "blocks") if i != chosen]
     configs = variants(others)
+    if args.smoke:
+        configs = {name: configs[name] for name in ("dense", "moe8")}
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), default dropless impl "
           f"'{chosen}', batch {args.batch} x {args.seq_len} tokens, {args.rounds} rounds", flush=True)
     runs = {}
