@@ -42,8 +42,8 @@ def count_kana(kana: str) -> int:
 @functools.lru_cache(maxsize=1)
 def _tagger():
     try:
-        import fugashi
-    except ImportError as e:  # an optional dependency (the "ja" extra)
+        import fugashi  # noqa: PLC0415 (optional: the ja extra)
+    except ImportError as e:
         raise ImportError("mora counting needs `pip install fugashi unidic-lite`") from e
     return fugashi.Tagger()
 

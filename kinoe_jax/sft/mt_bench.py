@@ -17,9 +17,14 @@ import os
 import time
 import uuid
 
+from tqdm import tqdm
+
 from kinoe_jax.data.chat.conversation import BadExample
 from kinoe_jax.data.chat.report import read_lines
+from kinoe_jax.inference import Engine, load_for_inference, use_workdir_tokenizer
+from kinoe_jax.inference.texts import generate_chats
 from kinoe_jax.sft.validate import NEEDS_REFERENCE, check_mt_bench
+from kinoe_jax.utils import atomic
 
 # FastChat's sampling temperature per category (fastchat/llm_judge/common.py).
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -55,15 +60,11 @@ class KinoeChat:
     """Replies from a kinoe checkpoint through the batched engine (stops at <|end|>)."""
 
     def __init__(self, path: str, step: int | None = None, batch_size: int = 16):
-        from kinoe_jax.inference import Engine, load_for_inference, use_workdir_tokenizer
-
         use_workdir_tokenizer(path)
         self.cfg, self.params = load_for_inference(path, step)
         self.engine = Engine(self.cfg, self.params, batch_size=batch_size)
 
     def replies(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-        from kinoe_jax.inference.texts import generate_chats
-
         return generate_chats(self.cfg, self.params, conversations, max_new_tokens, engine=self.engine,
                               temperature=temperature, seed=seed)
 
@@ -72,8 +73,9 @@ class HFChat:
     """Replies from an exported HF directory: transformers' apply_chat_template and generate."""
 
     def __init__(self, hf_dir: str, dtype: str = "float32"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        # optional: the hf extra
+        import torch  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -119,8 +121,6 @@ def answer(questions: list[dict], chat, model_id: str, max_new_tokens: int = 512
     conversations: list[list[dict]] = [[] for _ in questions]
     steps = [(turn, group) for turn in range(2) for group in groups]
     if progress:
-        from tqdm import tqdm
-
         steps = tqdm(steps, desc="MT-Bench", unit="batch")
     for turn, group in steps:
         for i in group:
@@ -148,10 +148,7 @@ def references(questions: list[dict], judge_model: str) -> tuple[list[dict], lis
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Rows sorted by question_id, written to a temporary file and renamed into place."""
+    """Rows sorted by question_id, one JSON object a line; the file appears whole or not at all."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in sorted(rows, key=lambda r: r["question_id"]):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    ordered = sorted(rows, key=lambda r: r["question_id"])
+    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ordered))

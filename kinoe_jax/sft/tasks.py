@@ -15,6 +15,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from kinoe_jax.data.pipeline import DataConfig
 from kinoe_jax.data.pretraining import JsonlDataSource
 from kinoe_jax.data.vocab import BUILTIN_DIR, get_vocabulary
 from kinoe_jax.sft.converter import PROMPT, TRAINED
@@ -91,8 +92,6 @@ def check_files(patterns, seq_len: int, vocab=None, progress: bool = True) -> Re
 
 
 def _default_seq_len() -> int:
-    from kinoe_jax.data.pipeline import DataConfig
-
     return DataConfig().seq_len  # the gin-bound training length
 
 

@@ -14,9 +14,15 @@ import json
 import os
 import statistics
 
+from tqdm import tqdm
+
+from kinoe_jax.corpus.config import load_config
+from kinoe_jax.corpus.dedup import NearDeduplicator, Signer
+from kinoe_jax.corpus.filters import normalize_text
 from kinoe_jax.data.chat.conversation import BadExample, check_length, check_messages, encode, parse_line
 from kinoe_jax.data.chat.preference import encode_pair
 from kinoe_jax.data.chat.report import Problem, read_lines
+from kinoe_jax.sft import mora
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 # FastChat's judge grades these against a reference answer and stops when one is missing.
@@ -79,8 +85,6 @@ def check_chat(obj: dict, vocab, seq_len: int) -> tuple[int, str]:
 
 def check_senryu(obj: dict) -> tuple[list[int], bool]:
     """(mora counts, deliberate jiamari); BadExample for anything that does not scan."""
-    from kinoe_jax.sft import mora
-
     lines, jiamari, readings = obj.get("senryu"), obj.get("jiamari", False), obj.get("readings", {})
     if not (isinstance(lines, list) and len(lines) == 3 and all(isinstance(x, str) and x.strip() for x in lines)):
         raise BadExample("senryu_schema", "'senryu' must be a list of three non-empty lines")
@@ -192,10 +196,6 @@ class DuplicatePair:
 def near_duplicates(items: list[Item], threshold: float | None = None) -> list[DuplicatePair]:
     """Greedy MinHash-LSH pass in input order (the corpus tool's): each item that is a near
     duplicate of an earlier kept one is paired with it."""
-    from kinoe_jax.corpus.config import load_config
-    from kinoe_jax.corpus.dedup import NearDeduplicator, Signer
-    from kinoe_jax.corpus.filters import normalize_text
-
     cfg = load_config().dedup
     if threshold is not None:
         cfg = dataclasses.replace(cfg, threshold=threshold)
@@ -272,8 +272,6 @@ class Validation:
 def validate(paths: list[str], vocab, seq_len: int, threshold: float | None = None,
              max_near_dup_rate: float = 0.0, progress: bool = False) -> Validation:
     if progress:
-        from tqdm import tqdm
-
         paths = tqdm(paths, desc="validating", unit="file", leave=False)
     files = [check_file(p, vocab, seq_len) for p in paths]
     items = [i for f in files for i in f.items]
