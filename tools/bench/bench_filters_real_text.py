@@ -1,7 +1,7 @@
 """Precision and recall of each corpus filter on real Japanese text, against hand labels.
 
-    python tools/debian_docs_corpus.py --output=data/debian_docs/raw.jsonl
-    python tools/bench/bench_filters_real_text.py --corpus=data/debian_docs/raw.jsonl [--config=FILE]
+    python tools/debian_docs_corpus.py --output_dir=data/debian_docs
+    python tools/bench/bench_filters_real_text.py --corpus=data/debian_docs/raw [--config=FILE] [--check]
     python tools/bench/bench_filters_real_text.py --smoke
 
 Prints a Markdown table (for BENCHMARKS.md): per filter, alone, how many labelled documents it
@@ -31,7 +31,6 @@ from kinoe_jax.corpus.config import ConfigError, load_config  # noqa: E402
 from kinoe_jax.corpus.debian_docs import PACKAGES  # noqa: E402
 from kinoe_jax.corpus.filter_eval import evaluate, markdown  # noqa: E402
 from kinoe_jax.corpus.labels import DEBIAN_DOCS_LABELS, check_ids, load_labels  # noqa: E402
-from kinoe_jax.data.vocab import BUILTIN_DIR  # noqa: E402
 
 RESULT_LINE = r"^labelled: \d+ keep, \d+ drop; the chain keeps "
 
@@ -53,6 +52,8 @@ def read_corpus(path: str) -> list[tuple[str, str, str]]:
 def smoke_inputs(directory: str) -> tuple[str, str]:
     """(corpus, labels) for --smoke: built-in training texts labelled keep, and an English page and
     a one-line page labelled drop, each filed under one of the packages."""
+    from kinoe_jax.data.vocab import BUILTIN_DIR  # here: it loads seqio and TensorFlow, which the real run needs not
+
     with open(Path(BUILTIN_DIR, "corpus", "train", "part_a.jsonl"), encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()][:4]
     pages = [(text, "keep") for text in texts] + [
