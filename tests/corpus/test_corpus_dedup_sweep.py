@@ -37,7 +37,8 @@ filters:
   min_mean_sentence_chars: null
   max_mean_sentence_chars: null
   max_ad_keywords: null
-  max_bbs_markers: null
+  min_prose_chars: null
+  max_bbs_markers_per_1000: null
   discrimination_content: false
 """
 

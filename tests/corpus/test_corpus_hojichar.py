@@ -70,8 +70,7 @@ def test_defaults_keep_ordinary_text(tmp_path):
     assert code == 0
     assert [r["id"] for r in records] == ["quarrel", "grumble", "schedule"]
     # Off by default: no counter, rather than a 0 that would read "ran, found nothing".
-    assert "violence_content" not in report["removed"] and "adult_content" not in report["removed"]
-    assert report["removed"]["discrimination_content"] == 0
+    assert not {"discrimination_content", "violence_content", "adult_content"} & set(report["removed"])
 
 
 def test_switched_on_filters_are_counted_in_order(tmp_path):
@@ -79,15 +78,15 @@ def test_switched_on_filters_are_counted_in_order(tmp_path):
     assert code == 0
     assert [r["id"] for r in records] == ["schedule"]
     removed = report["removed"]
-    assert list(removed)[-5:] == ["discrimination_content", "violence_content", "adult_content",
-                                  "exact_duplicate", "near_duplicate"]
+    assert list(removed)[-4:] == ["violence_content", "adult_content", "exact_duplicate", "near_duplicate"]
     assert (removed["violence_content"], removed["adult_content"]) == (1, 1)
     assert report["examples"]["violence_content"][0]["source"].endswith("in.jsonl:1")
     assert report["examples"]["adult_content"][0]["source"].endswith("in.jsonl:2")
 
 
 def test_katakana_keyword_boundary(tmp_path):
-    code, report, records = run(tmp_path, ORDINARY, "filters:\n  katakana_keyword_boundary: false\n")
+    code, report, records = run(tmp_path, ORDINARY,
+                                "filters:\n  discrimination_content: true\n  katakana_keyword_boundary: false\n")
     assert code == 0
     assert [r["id"] for r in records] == ["quarrel", "grumble"]
     assert report["removed"]["discrimination_content"] == 1

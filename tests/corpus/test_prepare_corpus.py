@@ -114,7 +114,8 @@ MENU = "\n".join([
 ])
 
 # hojichar's filters: a job advertisement (ads), a comment thread
-# (bbs_comments) and a memoir using a word on the discrimination list.
+# (bbs_comments), and a memoir using a word on hojichar's discrimination list (保母, a nursery
+# teacher), which the defaults keep: that list is off (default_config.yaml says why).
 ADS = ("駅前の新しいカフェで一緒に働く仲間を募集しています。求人情報の詳細は以下のとおりです。勤務地は本店と駅の反対側にある"
        "支店のどちらかを選べます。勤務期間は三か月以上を目安にしてください。未経験歓迎なので、接客が初めての方も安心して"
        "ご応募ください。応募資格は十八歳以上であることだけです。求める人物は、笑顔であいさつができる方です。研修制度が整って"
@@ -143,7 +144,7 @@ OLD_WORD = ("祖母は若いころ、町の小さな保育所で保母として�
             "昔の話をしてくれます。保育の仕事は体力がいるけれど、子どもが日ごとに成長していく姿を見られるのが何よりの"
             "楽しみだった、と祖母はよく言います。")
 
-KEPT = [D1, D2, D3, LONG, D6, WORDS, PII, D4, D5]  # in input order
+KEPT = [D1, D2, D3, LONG, D6, WORDS, OLD_WORD, PII, D4, D5]  # in input order
 
 
 def _line(record) -> bytes:
@@ -181,7 +182,7 @@ def raw(tmp_path: Path) -> Path:
         _doc(WORDS, "a19"),
         _doc(ADS, "a20"),  # ads
         _doc(BBS, "a21"),  # bbs_comments
-        _doc(OLD_WORD, "a22"),  # discrimination_content
+        _doc(OLD_WORD, "a22"),  # kept: the discrimination list is off
         _doc(PII, "a23"),  # kept, masked
     ]
     (raw / "a.jsonl").write_bytes(b"\n".join(a) + b"\n")
@@ -208,8 +209,8 @@ EXPECTED_BAD = {"invalid_json": 1, "missing_field": 2, "invalid_utf8": 1,
                 "empty_document": 2, "unreadable_file": 1}
 # The default config: no word list, so no word_list counter.
 EXPECTED_REMOVED = {"too_short": 1, "low_japanese": 1, "low_hiragana": 1, "repetitive_ngram": 1,
-                    "duplicate_lines": 1, "sentence_length": 2, "ads": 1, "bbs_comments": 1,
-                    "discrimination_content": 1, "exact_duplicate": 3, "near_duplicate": 2}
+                    "duplicate_lines": 1, "sentence_length": 2, "little_prose": 0, "ads": 1, "bbs_comments": 1,
+                    "exact_duplicate": 3, "near_duplicate": 2}
 EXPECTED_PII = {"documents_masked": 1, "phone_numbers": 1, "email_addresses": 1}
 
 
@@ -237,7 +238,7 @@ def test_counts_every_reason(raw, tmp_path, capsys):
     assert report["pii"] == EXPECTED_PII
     assert report["lines_read"] == 30
     assert report["documents_in"] == 24
-    assert report["documents_out"] == len(KEPT) == 9
+    assert report["documents_out"] == len(KEPT) == 10
     assert report["documents_in"] == report["documents_out"] + sum(report["removed"].values())
     assert report["lsh"] == {"bands": 18, "rows_per_band": 7}
     assert report["libraries"]["hojichar"].startswith("0.18")
@@ -275,7 +276,7 @@ def test_output_is_identical_for_any_worker_count(raw, tmp_path):
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"clean{workers}"
-        code, report = run_tool(raw, out, f"--num_workers={workers}", "--shard_size=3")
+        code, report = run_tool(raw, out, f"--num_workers={workers}", "--shard_size=4")
         assert code == 0 and report["removed"] == EXPECTED_REMOVED
         outputs[workers] = {p.name: p.read_bytes() for p in out.glob("shard-*")}
     assert sorted(outputs[1]) == ["shard-00000-of-00003.jsonl.gz", "shard-00001-of-00003.jsonl.gz",
@@ -290,7 +291,7 @@ def test_word_list_from_config(raw, tmp_path):
     code, report = run_tool(raw, tmp_path / "clean", "--num_workers=1", f"--config={config}")
     assert code == 0
     assert report["removed"] == {**EXPECTED_REMOVED, "word_list": 1}
-    assert list(report["removed"]).index("word_list") == list(report["removed"]).index("sentence_length") + 1
+    assert list(report["removed"]).index("word_list") == list(report["removed"]).index("little_prose") + 1
     assert report["documents_out"] == len(KEPT) - 1
     assert report["examples"]["word_list"][0]["source"] == f"{raw}/a.jsonl:19"
 
@@ -350,14 +351,14 @@ def test_pattern_matching_nothing_is_an_error(raw, tmp_path):
 
 def test_beam_runner_removes_the_same_documents(raw, tmp_path):
     _, local = run_tool(raw, tmp_path / "local", "--num_workers=1")
-    code, beam = run_tool(raw, tmp_path / "beam", "--runner=beam", "--shard_size=3")
+    code, beam = run_tool(raw, tmp_path / "beam", "--runner=beam", "--shard_size=4")
     assert code == 0
     assert beam["removed"] == local["removed"] == EXPECTED_REMOVED
     assert beam["pii"] == local["pii"] == EXPECTED_PII
     assert beam["bad_input"] == local["bad_input"]
     for key in ("lines_read", "documents_in", "documents_out", "chars_in", "chars_out", "bytes_in"):
         assert beam[key] == local[key], key
-    for reason in ("near_duplicate", "ads", "bbs_comments", "discrimination_content", "pii_masked"):
+    for reason in ("near_duplicate", "ads", "bbs_comments", "pii_masked"):
         assert beam["examples"][reason] == local["examples"][reason], reason
     beam_records = read_output(tmp_path / "beam")
     assert sorted(r["id"] for r in beam_records) == sorted(r["id"] for r in read_output(tmp_path / "local"))
