@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from paths import REPO
+from paths import REPO, TESTS
 from ports import free_port
 
 
@@ -58,7 +58,8 @@ def _work(process_id: int, count: int, port: int, out: str) -> None:
 def test_two_processes_generate_what_one_does(tmp_path):
     def launch(count):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // count}",
-                   TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+                   TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=os.pathsep.join([REPO, TESTS]))  # the worker is this file: it imports paths too
         port = free_port()
         return [subprocess.Popen([sys.executable, __file__, str(i), str(count), str(port), str(tmp_path / f"n{count}")],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
