@@ -110,3 +110,12 @@ def test_precision_and_recall_follow_the_labels():
 def load_labels_from(verdicts):
     from kinoe_jax.corpus.labels import Label
     return {doc_id: Label(v == "keep", "" if v == "keep" else "code_or_table") for doc_id, v in verdicts.items()}
+
+
+def test_phone_numbers_in_brackets_and_toll_free_numbers_are_masked_too():
+    from kinoe_jax.corpus.hojichar_filters import PiiMasker
+
+    masker = PiiMasker()
+    assert masker.mask("ご予約は (03)1234-5678 まで。") == ("ご予約は (03)1234-XXXX まで。", 1, 0)
+    assert masker.mask("フリーダイヤル 0120-123-456 へどうぞ。") == ("フリーダイヤル 0120-123-XXX へどうぞ。", 1, 0)
+    assert masker.mask("会員は1893人、創業は2024-01-20。") == ("会員は1893人、創業は2024-01-20。", 0, 0)
