@@ -21,7 +21,6 @@ import pytest
 
 from paths import REPO, TESTS
 from ports import free_port
-from tools.launch import tpu_pod
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXED_TASK = "kinoe_fixed_len"
@@ -342,6 +341,8 @@ def test_slurm_script_dry_run(tmp_path):
 def test_tpu_pod_launcher_dry_run(tmp_path, capsys):
     import shlex
     import tarfile
+
+    from tools.launch import tpu_pod
 
     train_args = ["--gin_file=gin_configs/runs/tiny_ja.gin", "--workdir=/mnt/runs/ja",
                   "--gin_bindings=train.total_steps = 10"]
