@@ -50,10 +50,19 @@ import argparse
 import os
 import sys
 
+import gin
+
+from kinoe_jax.config import inputs as cli
+from kinoe_jax.hardware import chips, runtime
+from kinoe_jax.hardware.chips import CHIPS
+from kinoe_jax.utils import atomic
+from kinoe_jax.utils.errors import ConfigError
+
+# Everything that loads JAX is imported inside the functions below, after runtime.setup(): the
+# command line is checked, and simulated devices requested, before JAX starts.
+
 
 def main(argv=None) -> int:
-    from kinoe_jax.hardware.chips import CHIPS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gin_file", action="append", default=[], help="model / mesh / run gin (repeatable)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
@@ -87,11 +96,7 @@ def main(argv=None) -> int:
         parser.error("at least one --gin_file is required (e.g. gin_configs/models/mistral_7b.gin)")
     if sum(x is not None for x in (args.target, args.num_devices, args.tpu_topology)) > 1:
         parser.error("give one of --target, --num_devices, --tpu_topology")
-    from kinoe_jax.config import inputs as cli
-
     cli.check_args(parser, args, {"--gin_file": cli.gin_file})
-
-    from kinoe_jax.hardware import chips
 
     tgt = None
     if args.target:
@@ -109,16 +114,13 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.num_devices}".strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    from kinoe_jax.hardware import runtime
-
     runtime.setup()
-    from kinoe_jax.config.gin_io import load_gin
-    from kinoe_jax.planning.fit import check_shapes, fit_report, format_report
-    from kinoe_jax.training import loop  # noqa: F401  (registers train.* for run gin files)
-    from kinoe_jax.utils.errors import ConfigError
-    from kinoe_jax.data.pipeline import DataConfig
-    from kinoe_jax.models import ModelConfig
-    from kinoe_jax.parallel.mesh import make_mesh
+    from kinoe_jax.config.gin_io import load_gin  # noqa: PLC0415
+    from kinoe_jax.data.pipeline import DataConfig  # noqa: PLC0415
+    from kinoe_jax.models import ModelConfig  # noqa: PLC0415
+    from kinoe_jax.parallel.mesh import make_mesh  # noqa: PLC0415
+    from kinoe_jax.planning.fit import check_shapes, fit_report, format_report  # noqa: PLC0415
+    from kinoe_jax.training import loop  # noqa: F401, PLC0415 (registers train.* for run gin files)
 
     with cli.reported(parser, ConfigError):
         load_gin(args.gin_file, args.gin_bindings)
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     global_batch = args.global_batch or data.global_batch
     per_granule = _gin_value("make_mesh.devices_per_granule", None)
     if args.price_hlo:
-        from kinoe_jax.planning.price import price_hlo
+        from kinoe_jax.planning.price import price_hlo  # noqa: PLC0415
 
         report = price_hlo(args.price_hlo, model_cfg, tgt, seq_len, args.tokens_per_step, mfu=args.mfu)
         print(format_report(report, accelerator=chip.name, train_tokens=args.train_tokens), flush=True)
@@ -179,8 +181,7 @@ def main(argv=None) -> int:
 
 
 def _plan(parser, args, model_cfg, devices, chip, tgt, seq_len, global_batch, data, per_granule) -> int:
-    from kinoe_jax.config import inputs as cli
-    from kinoe_jax.planning import plan
+    from kinoe_jax.planning import plan  # noqa: PLC0415
 
     where = tgt.describe() if tgt else f"{len(devices)} devices"
     print(f"plan: {where}; {global_batch} x {seq_len} tokens per step", flush=True)
@@ -200,8 +201,6 @@ def _plan(parser, args, model_cfg, devices, chip, tgt, seq_len, global_batch, da
 
 
 def _names(parser, text, known):
-    from kinoe_jax.config import inputs as cli
-
     if not text:
         return None
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -213,19 +212,17 @@ def _names(parser, text, known):
 
 def _write_json(path, figures: dict) -> None:
     if path:
-        from kinoe_jax.utils import atomic
-
         atomic.write_json(path, figures, indent=1, default=str)
 
 
 def _objective(name: str):
-    from kinoe_jax.training.objectives import DPO, CausalLM
+    from kinoe_jax.training.objectives import DPO, CausalLM  # noqa: PLC0415
 
     return {"causal_lm": CausalLM, "dpo": DPO}[name]()
 
 
 def _cpu_devices(num_devices):
-    import jax
+    import jax  # noqa: PLC0415
 
     devices = jax.devices()
     n = num_devices or len(devices)
@@ -240,8 +237,6 @@ def _zero1_from_gin() -> bool:
 
 
 def _gin_value(name: str, default):
-    import gin
-
     try:
         return gin.query_parameter(name)
     except ValueError:

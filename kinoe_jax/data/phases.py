@@ -18,6 +18,7 @@ import dataclasses
 import logging
 
 import gin
+import jax
 import tensorflow as tf
 
 from kinoe_jax.config.decay import wsd_decay_fraction, wsd_decay_start
@@ -84,8 +85,6 @@ def train_iterator(cfg: pipeline.DataConfig, total_steps: int, schedule: PhaseSc
     """The training stream (kinoe_jax/data/sharded_stream.py): per shard, a plain tf.data iterator,
     or a PhasedIterator under a schedule. `rows_by_process` defaults to equal blocks of every
     micro-batch's rows in process order (pipeline.rows_by_process gives those of a mesh)."""
-    import jax
-
     if rows_by_process is None:
         n, rows = jax.process_count(), pipeline.local_batch_size(cfg) // cfg.grad_accum
         rows_by_process = {p: (p * rows, (p + 1) * rows) for p in range(n)}
