@@ -115,13 +115,15 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
 
 def check_data_layout(manager: ocp.CheckpointManager, stream) -> None:
     """Before anything runs: refuse, in one line, a newest checkpoint whose data stream this run
-    cannot continue exactly (kinoe_jax/data/sharded_stream.py says which)."""
-    step = manager.latest_step()
-    if step is None or not isinstance(stream, ShardedStream):
+    cannot continue exactly, or a shard count that cannot cut a fresh one (kinoe_jax/data/sharded_stream.py)."""
+    if not isinstance(stream, ShardedStream):
         return
+    step = manager.latest_step()
     directory = os.path.join(os.fspath(manager.directory), str(step), "data_iter")
-    saved = saved_shards(directory)
-    if saved is not None:
+    saved = saved_shards(directory) if step is not None else None
+    if saved is None:
+        stream.settle()  # a fresh stream: DataConfig.data_shards is checked now
+    else:
         stream.settle(saved[0], source=f"checkpoint step {step} ({directory})")
 
 

@@ -112,5 +112,6 @@ def test_a_stream_that_cannot_be_cut_the_same_way_is_refused_in_one_line(tmp_pat
         other.restore(str(tmp_path))
 
 
-def test_the_phase_schedule_keeps_its_starts_and_a_plain_stream_has_none():
+def test_a_plain_stream_has_no_phase_starts():
+    """As before shards: run_info of a one-mixture run records no phases (no schedule warning on resume)."""
     assert phases.train_iterator(CFG, total_steps=10).starts == ()

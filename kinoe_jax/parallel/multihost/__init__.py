@@ -49,6 +49,7 @@ __all__ = [
     "on_peer_lost",
     "read_first_error",
     "report_errors",
+    "wants_distributed",
 ]
 
 

@@ -79,7 +79,8 @@ def report_errors():
         records.to_log_file(f"process {run.process_id} failed:\n{tb}")
         if not run.multi:
             if isinstance(e, ConfigError):
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                # The first line: gin appends where it was called from, which the log keeps.
+                print(f"error: {_first_line(e, 2000)}", file=sys.stderr, flush=True)
                 raise SystemExit(2) from None
             raise
         if maybe_secondary(e):
