@@ -138,7 +138,9 @@ class ShardedStream:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
-        import tensorflow as tf
+        # TensorFlow only where iterators are saved or restored: training/checkpoint.py imports
+        # this module and itself loads without TensorFlow.
+        import tensorflow as tf  # noqa: PLC0415
 
         for v in self.saves():
             path = os.path.join(directory, shard_dir(v, self.num_shards))
@@ -147,7 +149,7 @@ class ShardedStream:
 
     def restore(self, directory: str) -> None:
         """Continue from a checkpoint's data_iter item; one without states starts the stream over."""
-        import tensorflow as tf
+        import tensorflow as tf  # noqa: PLC0415
 
         saved = saved_shards(directory)
         if saved is None:
