@@ -2,6 +2,7 @@
 
     python tools/bench/bench_lm_head.py [--presets=kinoe_9b,mistral_7b] [--target=v5p-16]
         [--per_device=8] [--seq_len=4096] [--remat=full] [--chunks=0,512] [--vocab=0] [--full_step]
+    python tools/bench/bench_lm_head.py --smoke   # tiny_ja on v5p-8, 2 x 128 tokens, in seconds
 
 Default: one device's LM head and loss (final hidden states -> log p(target) -> gradients of
 the hidden states and the head), compiled for one device of the target with
@@ -38,6 +39,7 @@ from kinoe_jax.parallel.mesh import make_mesh  # noqa: E402
 from kinoe_jax.planning.fit import compile_train_step  # noqa: E402
 
 GIB = 1024 ** 3
+RESULT_LINE = r"^  \S+ +vocab +\d+ lm_head_chunk +\d+: temporaries +[0-9.]+ GiB per device; saved"
 
 
 def preset(name: str) -> ModelConfig:
@@ -58,7 +60,10 @@ def main(argv=None) -> None:
     p.add_argument("--chunks", default="0,512")
     p.add_argument("--vocab", type=int, default=0)
     p.add_argument("--full_step", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="the tiny preset on a small slice: shows that it runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.presets, args.target, args.per_device, args.seq_len, args.chunks = "tiny_ja", "v5p-8", 2, 128, "0,64"
     target = chips.target(args.target)
     devices = target.devices()
     mesh = make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)
