@@ -15,6 +15,7 @@ from kinoe_jax.data.vocab import BOS_ID, BUILTIN_TOKENIZER
 from kinoe_jax.hf import ConversionError, convert_from_hf, convert_to_hf
 from kinoe_jax.hf.synthetic import write_random_checkpoint
 from kinoe_jax.models import ModelConfig
+from kinoe_jax.utils.atomic import OutputExists
 
 TINY = ModelConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                    max_seq_len=64)
@@ -244,7 +245,7 @@ def test_existing_output_needs_overwrite(ckpt, tmp_path):
     out = tmp_path / "out"
     convert_to_hf(str(ckpt / "checkpoints"), str(out), progress=False)
     (out / "marker").write_text("old")
-    with pytest.raises(ConversionError, match="--overwrite"):
+    with pytest.raises(OutputExists, match="--overwrite"):
         convert_to_hf(str(ckpt / "checkpoints"), str(out), progress=False)
     assert (out / "marker").exists()
     convert_to_hf(str(ckpt / "checkpoints"), str(out), overwrite=True, progress=False)

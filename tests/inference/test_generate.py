@@ -4,7 +4,9 @@ import shutil
 
 import pytest
 
-from kinoe_jax.inference import texts as generate
+from kinoe_jax import generate
+from kinoe_jax.inference.loading import load_for_inference
+from kinoe_jax.inference.texts import generate_text
 from kinoe_jax.models import ModelConfig
 
 CFG = ModelConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -21,8 +23,8 @@ def test_several_prompts_in_one_batch(tmp_path, capsys):
     both = generate.main([f"--workdir={tmp_path}", *[f"--prompt={p}" for p in prompts], "--max_new_tokens=5"])
     printed = capsys.readouterr().out.splitlines()
     assert isinstance(both, list) and len(both) == 2 and all(both)
-    cfg, params = generate.load_for_inference(str(tmp_path))
-    assert both == [generate.generate_text(cfg, params, p, 5) for p in prompts]
+    cfg, params = load_for_inference(str(tmp_path))
+    assert both == [generate_text(cfg, params, p, 5) for p in prompts]
     assert [line for line in printed if line.startswith(tuple(prompts))] == [p + t for p, t in zip(prompts, both)]
     with pytest.raises(SystemExit):
         generate.main([f"--workdir={tmp_path}", "--prompt=今日は", "--top_p=0"])
