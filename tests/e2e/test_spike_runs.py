@@ -1,7 +1,7 @@
 """Loss spikes end to end, by fault injection.
 
 * tiny_ja, the whole run (`python -m kinoe_jax.train --gin_file=gin_configs/runs/tiny_ja.gin`,
-  two processes side by side): one clean, one whose batches 141-144 get random targets, so the
+  two processes side by side): one clean, one whose batches 61-64 get random targets, so the
   loss spikes while staying finite. The poisoned run must detect the spike, roll back, skip and
   record those batches, and end within 2% of the clean run's validation loss; the clean run must
   never roll back at the default thresholds.
@@ -23,7 +23,7 @@ from paths import REPO
 
 pytestmark = pytest.mark.slow
 
-POISON = (141, 4)  # batches 141-144 of tiny_ja's 300
+POISON = (61, 4)  # batches 61-64 of tiny_ja's 120: after the checkpoint at 40, before the one at 80
 TINY_JA_TIMEOUT_S = 3600
 
 
@@ -64,7 +64,7 @@ def tiny_ja_runs(tmp_path_factory):
 def test_a_clean_tiny_ja_run_never_rolls_back(tiny_ja_runs):
     clean = tiny_ja_runs["clean"]
     rows = _rows(clean)
-    assert rows[-1]["step"] == 300 and rows[-1]["spike_rollbacks"] == 0
+    assert rows[-1]["step"] == 120 and rows[-1]["spike_rollbacks"] == 0
     assert not os.path.exists(os.path.join(clean, "spike_rollbacks.json"))
     assert not os.path.exists(os.path.join(clean, "skipped_data.jsonl"))
     # The statistics reach metrics.jsonl for every group of the Mistral stack.
@@ -94,7 +94,7 @@ def test_a_poisoned_tiny_ja_run_rolls_back_skips_and_recovers(tiny_ja_runs):
     final = {name: [r["eval_loss"] for r in _rows(d) if "eval_loss" in r][-1]
              for name, d in (("clean", clean), ("poisoned", poisoned))}
     assert abs(final["poisoned"] - final["clean"]) <= 0.02 * final["clean"], final
-    assert _rows(poisoned)[-1]["step"] == 300 and os.path.exists(os.path.join(poisoned, "loss.png"))
+    assert _rows(poisoned)[-1]["step"] == 120 and os.path.exists(os.path.join(poisoned, "loss.png"))
 
 
 # ----------------------------------------------------------------------------- exact resume
