@@ -26,7 +26,9 @@ from kinoe_jax.corpus.config import FilterConfig
 HOJICHAR_VERSION = metadata.version("hojichar")
 
 
-def rejects(f: Filter, text: str) -> bool:
+def rejects(f: "Filter | DensityFilter", text: str) -> bool:
+    if isinstance(f, DensityFilter):
+        return f.rejects(text, sum(not c.isspace() for c in text))
     return f.apply(Document(text)).is_rejected
 
 
