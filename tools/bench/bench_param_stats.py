@@ -31,6 +31,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+# The line tests/e2e/test_bench_smoke.py looks for after --smoke.
+RESULT_LINE = r"^on / off = [0-9.]+$"
+
+
 def build(stats: bool, vocab: int, hidden: int, layers: int, seq: int, batch: int):
     import flax.linen as nn
 
