@@ -41,7 +41,7 @@ def test_sft_run_from_a_pretrained_checkpoint():
 
 @pytest.mark.slow
 def test_generate_chat_cli_answers_from_the_sft_workdir(capsys):
-    from kinoe_jax.inference import texts as generate
+    from kinoe_jax import generate
 
     reply = generate.main([f"--workdir={sft_runs()['sft']}", "--chat", "--system=短く答えます。",
                            "--prompt=猫の川柳をお願いします。", "--max_new_tokens=5"])
