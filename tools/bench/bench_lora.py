@@ -25,6 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from tools.bench import _smoke as smoke  # noqa: E402
+
 from kinoe_jax.hardware import runtime  # noqa: E402
 
 runtime.setup()  # the platform settled and accelerators hidden from TensorFlow, before JAX starts
@@ -88,12 +90,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="tiny_ja", choices=("tiny_ja", "hidden512"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true",
-                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    smoke.add_flag(parser)
     args = parser.parse_args(argv)
-    if args.smoke:
-        globals().update(SMOKE_SHAPE)
-        args.rounds, args.steps = 1, 1
+    smoke.apply(args, globals(), SMOKE_SHAPE)
 
     import flax.linen as nn
 

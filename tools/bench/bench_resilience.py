@@ -22,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from tools.bench import _smoke as smoke  # noqa: E402
+
 from kinoe_jax.hardware import runtime  # noqa: E402
 
 runtime.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
@@ -79,12 +81,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true",
-                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    smoke.add_flag(parser)
     args = parser.parse_args(argv)
-    if args.smoke:
-        globals().update(SMOKE_SHAPE)
-        args.rounds, args.steps = 1, 2
+    smoke.apply(args, globals(), SMOKE_SHAPE, steps=2)
 
     from kinoe_jax.training import checkpoint as ckpt
     from kinoe_jax.training.resilience import RunGuard

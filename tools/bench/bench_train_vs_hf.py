@@ -18,6 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from tools.bench import _smoke as smoke  # noqa: E402
+
 from kinoe_jax.hardware import runtime  # noqa: E402
 
 runtime.setup()  # a CPU machine with the chip compilers installed stays on the CPU, quietly
@@ -148,12 +150,9 @@ def main(argv=None):
     parser.add_argument("--matmuls", action="store_true", help="also compare matmul speed on the model's shapes")
     parser.add_argument("--variants", action="store_true",
                         help="also time kinoe_jax without rematerialisation and with layers unrolled")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a toy size, a step or two: shows that the benchmark runs, measures nothing")
+    smoke.add_flag(parser)
     args = parser.parse_args(argv)
-    if args.smoke:
-        globals().update(SMOKE_SHAPE)
-        args.rounds, args.steps = 1, 1
+    smoke.apply(args, globals(), SMOKE_SHAPE)
 
     import torch
 
