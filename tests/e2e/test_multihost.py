@@ -21,6 +21,7 @@ import pytest
 
 from paths import REPO, TESTS
 from ports import free_port
+from process_runs import _compilation_cache  # one XLA cache shared by every multi-process test
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXED_TASK = "kinoe_fixed_len"
@@ -75,21 +76,6 @@ def warmup_then_flat(total_steps: int, peak_lr: float = 1e-3, warmup_steps: int 
 
 
 # ----------------------------------------------------------------------------- launching
-_CACHE: list[str] = []
-
-
-def _compilation_cache() -> str:
-    """One persistent XLA cache for all the workers of this test session."""
-    if not _CACHE:
-        import atexit
-        import shutil
-        import tempfile
-
-        _CACHE.append(tempfile.mkdtemp(prefix="kinoe_multihost_jit_"))
-        atexit.register(shutil.rmtree, _CACHE[0], True)
-    return _CACHE[0]
-
-
 def _bindings(total_steps: int, extra=()) -> list[str]:
     from conftest import TEST_MODEL  # lazily: conftest would give a worker 8 devices
 
